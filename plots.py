@@ -1,0 +1,101 @@
+"""
+plots.py -- the figures a run writes next to its metrics (matplotlib, PNG, no screen needed).
+
+  pretrain_curves     training and held-out loss of causal-LM pretraining
+  finetune_curves     training loss per step and the dev score per epoch of a fine-tuning run
+  allocation_plots    for rank allocation: rank per layer over training (heat map), layer importance over
+                      training, and the budget schedule
+  effective_rank_hist for rank gating: how many rank components the gates switch on, per token
+
+Each function takes plain Python data (lists of dicts from the metrics log, or dicts of arrays), so the
+notebooks can call them on saved runs.
+"""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # render to files; no display is needed (or available on servers)
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pretrain_curves(log: list, path):
+    """log: dicts with step, train_loss and (some) val_loss."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in log], [r["train_loss"] for r in log], lw=0.8, label="train (batch)")
+    val = [r for r in log if "val_loss" in r]
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="held-out")
+    ax.set(title="Causal-LM pretraining", xlabel="optimizer step", ylabel="cross-entropy (nats / token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def finetune_curves(history: list, task: str, path):
+    """history: dicts with step and train_loss (during epochs) or score (after each epoch's eval)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    train = [r for r in history if "train_loss" in r]
+    ax1.plot([r["step"] for r in train], [r["train_loss"] for r in train], lw=0.8)
+    ax1.set(title=f"{task}: training loss", xlabel="optimizer step", ylabel="loss (per example)")
+    ax1.grid(alpha=0.3)
+    evals = [r for r in history if "score" in r]
+    ax2.plot([r["epoch"] for r in evals], [100 * r["score"] for r in evals], "o-")
+    ax2.set(title=f"{task}: dev score", xlabel="epoch", ylabel="GLUE score x 100")
+    ax2.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def allocation_plots(history: list, out_dir):
+    """history: the RankAllocator's records (step, budget, ranks {layer: r}, importance {layer: float})."""
+    if not history:
+        return
+    out_dir = Path(out_dir)
+    layers = list(history[0]["ranks"])
+    steps = [h["step"] for h in history]
+    ranks = np.array([[h["ranks"][name] for name in layers] for h in history])          # (n_records, n_layers)
+
+    fig, ax = plt.subplots(figsize=(8, 0.25 * len(layers) + 2))
+    im = ax.imshow(ranks.T, aspect="auto", interpolation="nearest", cmap="viridis",
+                   extent=(steps[0], steps[-1], len(layers) - 0.5, -0.5))
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    ax.set(title="Active rank per adapted layer", xlabel="optimizer step", ylabel="layer")
+    fig.colorbar(im, ax=ax, label="active rank components")
+    _save(fig, out_dir / "rank_heatmap.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    importance = np.array([[h["importance"][name] for name in layers] for h in history])
+    for j, name in enumerate(layers):
+        ax.plot(steps, importance[:, j], lw=0.8, label=name)
+    ax.set(title="Layer importance (sum of component scores)", xlabel="optimizer step",
+           ylabel="importance (smoothed sensitivity x uncertainty)", yscale="symlog")
+    if len(layers) <= 12:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, out_dir / "layer_importance.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [h["budget"] for h in history], "-")
+    ax.set(title="Rank budget b(t)", xlabel="optimizer step", ylabel="active rank components (all layers)")
+    ax.grid(alpha=0.3)
+    _save(fig, out_dir / "budget.png")
+
+
+def effective_rank_hist(per_token_rank: dict, r: int, path):
+    """per_token_rank: layer name -> 1-D array of the number of open gates for each token."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.arange(r + 2) - 0.5
+    for name, counts in per_token_rank.items():
+        ax.hist(np.asarray(counts), bins=bins, histtype="step", density=True, label=name)
+    ax.set(title="Effective rank under the gates", xlabel="open rank components per token (gate > 0.5)",
+           ylabel="fraction of tokens")
+    if len(per_token_rank) <= 12:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path)

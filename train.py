@@ -1,0 +1,745 @@
+"""
+train.py -- the command line: pretrain a GPT, fine-tune it on GLUE, evaluate, report, benchmark.
+
+    python train.py                      # the main job: pretrain (once, cached), fine-tune SST-2, print results
+    python train.py pretrain  [options]  # causal-LM pretraining on the unlabeled GLUE train text (+ --corpus)
+    python train.py finetune --task T --method M [options]   # M: full | lora | alloc | gate | dynlora | adalora
+    python train.py eval --run runs/<run>                   # score a saved fine-tuned model on the dev split(s)
+    python train.py report                                  # render the README's result tables from results/
+    python train.py bench                                   # speed and memory figures, side by side
+
+Every option of a subcommand is a field of its config dataclass below (PretrainConfig, FinetuneConfig,
+dynlora.AdapterConfig); the argparse flags are generated from them, with each field's help text.
+
+What this file holds, in order:
+  1. Configs and the flag generator
+  2. Small utilities: seeding, atomic saves, machine and git description
+  3. Pretraining
+  4. Fine-tuning and evaluation
+  5. Results: the results/ files and the README report
+  6. The main job
+"""
+
+import argparse
+import itertools
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, fields, asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import data
+import dynlora
+import model as gptmodel
+from model import GPT, GPTClassifier, GPTConfig
+
+REPO = Path(__file__).resolve().parent
+RESULTS_DIR = REPO / "results"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Configs and the flag generator
+# ---------------------------------------------------------------------------------------------------------
+
+def opt(default, help: str, **kw):
+    """A config field with its help text (shown by --help)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class PretrainConfig:
+    out_dir: str = opt("runs/backbone", "folder for the backbone checkpoint, its tokenizer and curves")
+    data_dir: str | None = opt(None, "GLUE folder (default: $GLUE_DIR, else ./data/glue)")
+    tasks: str = opt("CoLA,SST-2,MRPC,STS-B,RTE", "GLUE tasks whose unlabeled TRAIN text is the corpus")
+    corpus: list = opt([], "extra plain-text files, one document per line", nargs="*")
+    preset: str = opt("cpu", "model size: nano | cpu | gpt2 (see model.PRESETS)")
+    vocab_size: int = opt(8192, "BPE vocabulary size, special tokens included")
+    block_size: int = opt(128, "context length in tokens")
+    batch_size: int = opt(32, "sequences per step")
+    max_steps: int = opt(400, "optimizer steps")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup_steps: int = opt(40, "linear warm-up steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay on matrices (not on biases or LayerNorm)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    dropout: float = opt(0.0, "dropout probability")
+    holdout: float = opt(0.02, "fraction of the token stream held out to measure validation loss")
+    eval_every: int = opt(100, "steps between validation-loss measurements")
+    seed: int = opt(1337, "random seed")
+    threads: int = opt(0, "CPU threads (0 = PyTorch's default)")
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = opt("SST-2", "GLUE task: CoLA SST-2 MRPC STS-B QQP MNLI QNLI RTE WNLI")
+    method: str = opt("full", "full | lora | alloc | gate | dynlora | adalora")
+    backbone: str = opt("runs/backbone", "pretrained backbone folder ('' = random init, with a warning)")
+    data_dir: str | None = opt(None, "GLUE folder (default: $GLUE_DIR, else ./data/glue)")
+    out_dir: str = opt("", "run folder (default: runs/<task>-<method>-s<seed>)")
+    epochs: int = opt(3, "passes over the training set")
+    batch_size: int = opt(32, "examples per step")
+    lr: float = opt(0.0, "peak learning rate (0 = the method's default: 2e-4 full, 1e-3 adapters)")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup_ratio: float = opt(0.06, "fraction of the steps spent in linear warm-up")
+    weight_decay: float = opt(0.01, "AdamW weight decay on matrices")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    max_len: int = opt(128, "longest input in tokens; longer pairs are truncated, longest text first")
+    max_train: int = opt(0, "use only the first N training examples (0 = all), for quick trials")
+    seed: int = opt(0, "random seed (initialisation of new weights, dropout, batch order)")
+    threads: int = opt(0, "CPU threads (0 = PyTorch's default)")
+    suite: str = opt("", "label stored with the result, to group runs in the report")
+    results_dir: str = opt("results", "folder whose finetune.jsonl gets this run's final metrics appended")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, rename: dict | None = None, only_if_given: bool = False):
+    """Add one --flag per dataclass field: name, type, default and help all come from the field.
+
+    With only_if_given, a flag the user does not pass is left out of the parsed namespace, so that a preset
+    (such as a method's adapter settings) can supply its own value for it.
+    """
+    rename = rename or {}
+    for f in fields(cls):
+        flag = "--" + rename.get(f.name, f.name).replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        kw = dict(dest=f.name, help=help_text, default=argparse.SUPPRESS if only_if_given else default)
+        kind = type(default) if default is not None else str
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif kind is list:                                  # e.g. --corpus a.txt b.txt
+            parser.add_argument(flag, nargs="*", type=str, **kw)
+        elif kind is tuple:                                 # e.g. --lora-targets q_proj,v_proj
+            parser.add_argument(flag, type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()), **kw)
+        else:
+            parser.add_argument(flag, type=kind, **kw)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Small utilities
+# ---------------------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def set_threads(n: int):
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def atomic_torch_save(obj, path: Path):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cosine_schedule(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; matrices are decayed, vectors (biases, LayerNorm, gates) not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+class Throughput:
+    """Tokens per second over the recent steps, for the progress bar."""
+
+    def __init__(self):
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def add(self, n: int) -> float:
+        self.tokens += n
+        return self.tokens / max(1e-9, time.perf_counter() - self.t0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Pretraining
+# ---------------------------------------------------------------------------------------------------------
+
+BACKBONE_FILE = "backbone.pt"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_corpus_files(paths: list) -> list:
+    texts = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise data.DataError(f"--corpus {p}: no such file; give plain-text files, one document per line")
+        texts.extend(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return texts
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Causal-LM pretraining on unlabeled text; saves <out_dir>/backbone.pt and tokenizer.json."""
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out_dir)
+    data_dir = data.resolve_data_dir(cfg.data_dir)
+    tasks = [data.get_task(name) for name in cfg.tasks.split(",") if name.strip()]
+    for task in tasks:
+        data.ensure_task(data_dir, task)
+    texts = data.pretrain_texts(data_dir, tasks) + read_corpus_files(cfg.corpus)
+    if not texts:
+        raise data.DataError("pretrain: the corpus is empty; give --tasks with train files or --corpus files")
+
+    # Tokenizer: trained on the same unlabeled training text (never on dev).
+    print(f"pretrain: {len(texts):,} texts; training a {cfg.vocab_size}-token BPE tokenizer")
+    tok = data.train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    stream = data.lm_stream(tok, texts)                                  # (N,) int32, <eos> after each text
+    n_hold = int(len(stream) * cfg.holdout)
+    train_stream, val_stream = stream[: len(stream) - n_hold], stream[len(stream) - n_hold:]
+    if len(train_stream) <= cfg.block_size * cfg.batch_size:
+        raise data.DataError(f"pretrain: the corpus has {len(train_stream):,} training tokens, fewer than one batch "
+                             f"(--batch-size {cfg.batch_size} x --block-size {cfg.block_size}); "
+                             f"add text (--corpus, --tasks) or lower --block-size/--batch-size")
+
+    config = gptmodel.preset(cfg.preset, vocab_size=tok.get_vocab_size(), block_size=cfg.block_size,
+                             dropout=cfg.dropout, pad_id=tok.token_to_id(data.PAD))
+    model = GPT(config)
+    print(f"pretrain: {len(train_stream):,} train / {len(val_stream):,} held-out tokens; "
+          f"model {model.num_params():,} parameters ({cfg.preset})")
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    batcher = data.LMBatcher(train_stream, cfg.block_size, cfg.batch_size, seed=cfg.seed)
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+    log = []
+
+    # The held-out windows are the same at every measurement (epoch 0 of a fixed-seed batcher).
+    val_batcher = data.LMBatcher(val_stream, cfg.block_size, min(cfg.batch_size, len(val_stream) // cfg.block_size - 1),
+                                 seed=0) if len(val_stream) > 2 * cfg.block_size else None
+
+    def validation_loss() -> float:
+        model.eval()
+        losses = []
+        with torch.no_grad():
+            for x, y in val_batcher.epoch(0):
+                losses.append(model(x, y)[1].item())
+        model.train()
+        return float(np.mean(losses))
+
+    t_start = time.time()
+    speed = Throughput()
+    batches = (batch for epoch in itertools.count() for batch in batcher.epoch(epoch))
+    bar = tqdm(range(cfg.max_steps), desc="pretrain", dynamic_ncols=True, mininterval=1.0)
+    model.train()
+    for step in bar:
+        lr = cfg.lr * cosine_schedule(step, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = next(batches)                                             # (B, T), (B, T)
+        _, loss = model(x, y)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tps = speed.add(x.numel())
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}")
+        record = {"step": step + 1, "train_loss": loss.item(), "lr": lr}
+        if val_batcher is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+            record["val_loss"] = validation_loss()
+            tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, held-out loss {record['val_loss']:.3f}")
+        log.append(record)
+        with open(metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    wall = time.time() - t_start
+    data.save_tokenizer(tok, out / TOKENIZER_FILE)
+    atomic_torch_save({"config": config.to_dict(), "model": model.state_dict(),
+                       "tokenizer_sha256": file_sha256(out / TOKENIZER_FILE),
+                       "pretrain": asdict(cfg), "wall_s": wall}, out / BACKBONE_FILE)
+    atomic_write_text(out / "config.json", json.dumps({"model": config.to_dict(), "pretrain": asdict(cfg)}, indent=2))
+    import plots
+    plots.pretrain_curves(log, out / "curves.png")
+    held_out = [r["val_loss"] for r in log if "val_loss" in r]
+    print(f"pretrain: done in {wall / 60:.1f} min; final train loss {log[-1]['train_loss']:.3f}"
+          + (f", held-out loss {held_out[-1]:.3f}" if held_out else "") + f"; saved {out / BACKBONE_FILE}")
+    return out
+
+
+def load_backbone(folder: str):
+    """(GPTConfig, state_dict, tokenizer, tokenizer_path) of a pretrained backbone folder, checked."""
+    folder = Path(folder)
+    ckpt_path, tok_path = folder / BACKBONE_FILE, folder / TOKENIZER_FILE
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"--backbone {folder}: no {BACKBONE_FILE} there; run `python train.py pretrain "
+                                f"--out-dir {folder}` first, or pass --backbone '' for a random init")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    config = GPTConfig.from_dict(ckpt["config"])
+    tok = data.load_tokenizer(tok_path)
+    if file_sha256(tok_path) != ckpt["tokenizer_sha256"]:
+        raise ValueError(f"{tok_path} is not the tokenizer {ckpt_path} was trained with (its hash differs); "
+                         f"restore the tokenizer.json saved with the backbone or pretrain again")
+    if tok.get_vocab_size() != config.vocab_size:
+        raise ValueError(f"{tok_path} has {tok.get_vocab_size()} tokens but {ckpt_path} expects "
+                         f"{config.vocab_size}; use the tokenizer saved with the backbone")
+    return config, ckpt["model"], tok, tok_path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Fine-tuning and evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+def build_classifier(config: GPTConfig, backbone_state: dict | None, num_outputs: int) -> GPTClassifier:
+    """A GPTClassifier whose body is the pretrained GPT (when given) and whose head is new."""
+    clf = GPTClassifier(config, num_outputs)
+    if backbone_state is not None:
+        try:
+            clf.gpt.load_state_dict(backbone_state)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[1:2] or [str(err)]
+            raise ValueError(f"the backbone checkpoint does not fit its config ({first[0].strip()}); "
+                             f"was it saved by another version of model.py?") from None
+    return clf
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batcher) -> tuple[np.ndarray, np.ndarray, float]:
+    """(predictions, labels, mean loss) over one pass of an eval batcher."""
+    was_training = model.training
+    model.eval()
+    preds, labels, losses = [], [], []
+    for idx, y in batcher.epoch(0):
+        logits, loss = model(idx, y)
+        preds.append(logits.numpy() if logits.dim() == 1 else logits.argmax(-1).numpy())
+        labels.append(y.numpy())
+        losses.append(loss.item() * len(y))
+    model.train(was_training)
+    preds, labels = np.concatenate(preds), np.concatenate(labels)
+    return preds, labels, float(np.sum(losses) / len(labels))
+
+
+def evaluate(model: nn.Module, task: data.TaskSpec, dev_batchers: dict) -> dict:
+    """Metrics on every dev split of the task, and the task's GLUE score (their mean for MNLI)."""
+    out, scores = {}, []
+    for split, batcher in dev_batchers.items():
+        preds, labels, loss = predict(model, batcher)
+        metrics = data.compute_metrics(task, preds, labels)
+        metrics["loss"] = loss
+        out[split] = metrics
+        scores.append(data.task_score(task, metrics))
+    out["score"] = float(np.mean(scores))
+    return out
+
+
+def default_lr(method: str) -> float:
+    return 2e-4 if method == "full" else 1e-3
+
+
+def run_name(cfg: FinetuneConfig) -> str:
+    return f"{data.get_task(cfg.task).name}-{cfg.method}-s{cfg.seed}"
+
+
+def finetune(cfg: FinetuneConfig, adapter_cfg: "dynlora.AdapterConfig | None" = None) -> dict:
+    """Fine-tune on one GLUE task; returns the final result record (also appended to results/)."""
+    set_threads(cfg.threads)
+    task = data.get_task(cfg.task)
+    methods = ["full", *dynlora.METHODS]
+    if cfg.method not in methods:
+        raise ValueError(f"--method {cfg.method!r} is not known; choose one of {methods}")
+    for name, value in [("epochs", cfg.epochs), ("batch_size", cfg.batch_size), ("max_len", cfg.max_len)]:
+        if value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if cfg.lr < 0 or not 0 <= cfg.warmup_ratio < 1 or cfg.weight_decay < 0 or cfg.grad_clip < 0:
+        raise ValueError("--lr, --weight-decay and --grad-clip must be >= 0 and --warmup-ratio in [0, 1)")
+    seed_everything(cfg.seed)
+    lr = cfg.lr or default_lr(cfg.method)
+    out = Path(cfg.out_dir or REPO / "runs" / run_name(cfg))
+    out.mkdir(parents=True, exist_ok=True)
+
+    data_dir = data.resolve_data_dir(cfg.data_dir)
+    data.ensure_task(data_dir, task)
+
+    # The backbone and its tokenizer.
+    if cfg.backbone:
+        config, backbone_state, tok, tok_path = load_backbone(cfg.backbone)
+    else:
+        warnings.warn("fine-tuning from a RANDOM initialisation (--backbone ''): expect much lower scores; "
+                      "run `python train.py pretrain` for a backbone", stacklevel=2)
+        backbone_state = None
+        tok_path = out / TOKENIZER_FILE
+        tok = data.train_tokenizer(data.pretrain_texts(data_dir, [task]), vocab_size=8192)
+        data.save_tokenizer(tok, tok_path)
+        config = gptmodel.preset("cpu", vocab_size=tok.get_vocab_size(), pad_id=tok.token_to_id(data.PAD))
+    if cfg.max_len > config.block_size:
+        raise ValueError(f"--max-len {cfg.max_len} exceeds the backbone's block_size {config.block_size}; "
+                         f"use --max-len {config.block_size} or less")
+    if tok_path != out / TOKENIZER_FILE:
+        shutil.copyfile(tok_path, out / TOKENIZER_FILE)
+
+    # The data: tokenized once and cached beside the tokenizer (the ids depend on it), batched by length.
+    cache = Path(tok_path).parent / "cache"
+    train_examples = data.read_split(data_dir, task, "train")
+    train_ids, train_labels = data.cached_encode(tok, tok_path, task, "train", train_examples, cfg.max_len, cache)
+    if cfg.max_train:
+        train_ids, train_labels = train_ids[: cfg.max_train], train_labels[: cfg.max_train]
+    train_batcher = data.BucketBatcher(train_ids, train_labels, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    dev_batchers = {}
+    for split in task.dev_files:
+        ids, labels = data.cached_encode(tok, tok_path, task, split, data.read_split(data_dir, task, split),
+                                         cfg.max_len, cache)
+        dev_batchers[split] = data.BucketBatcher(ids, labels, 2 * cfg.batch_size, shuffle=False)
+
+    # The model: the pretrained body, a new head, and (for adapter methods) the adapters.
+    model = build_classifier(config, backbone_state, task.num_outputs)
+    allocator = None
+    total_steps = cfg.epochs * len(train_batcher)
+    if cfg.method != "full":
+        adapter_cfg = adapter_cfg or dynlora.config_for_method(cfg.method)
+        dynlora.apply_lora(model, adapter_cfg)
+        if adapter_cfg.allocation:
+            allocator = dynlora.RankAllocator(model, adapter_cfg, total_steps)
+    trainable, total = dynlora.count_parameters(model)
+    print(f"finetune {task.name} ({cfg.method}): {len(train_ids):,} train examples, {total_steps} steps; "
+          f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+    optimizer = make_optimizer(model, lr, cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    run_config = {"finetune": asdict(cfg), "lr": lr, "model": config.to_dict(), "task": task.name,
+                  "adapter": asdict(adapter_cfg) if adapter_cfg else None}
+    atomic_write_text(out / "config.json", json.dumps(run_config, indent=2))
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+
+    def log(record: dict):
+        with open(metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    t_start = time.time()
+    speed = Throughput()
+    best = {"score": -float("inf")}
+    history, step = [], 0
+    model.train()
+    for epoch in range(cfg.epochs):
+        bar = tqdm(train_batcher.epoch(epoch), total=len(train_batcher), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   dynamic_ncols=True, mininterval=1.0)
+        for idx, y in bar:
+            lr_now = lr * cosine_schedule(step, total_steps, warmup, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+            _, loss = model(idx, y)
+            total_loss = loss + dynlora.regularization_loss(model) if cfg.method != "full" else loss
+            total_loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable_params, cfg.grad_clip)
+            optimizer.step()
+            if allocator is not None:
+                allocator.step(step)          # after optimizer.step(), before zero_grad(): it reads the grads
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tps = speed.add(idx.numel())
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_now:.1e}", tok_s=f"{tps:,.0f}")
+            if step % 50 == 0:
+                record = {"step": step, "epoch": epoch + 1, "train_loss": loss.item(), "lr": lr_now}
+                if allocator is not None:
+                    record["ranks"] = allocator.rank_pattern()
+                    record["budget"] = sum(record["ranks"].values())
+                log(record)
+                history.append(record)
+        dev = evaluate(model, task, dev_batchers)
+        record = {"step": step, "epoch": epoch + 1, "dev": dev, "score": dev["score"], "wall_s": time.time() - t_start}
+        log(record)
+        history.append(record)
+        tqdm.write(f"epoch {epoch + 1}: dev {task.name} score {100 * dev['score']:.2f}  "
+                   + "  ".join(f"{s}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+                               for s, m in dev.items() if s != "score"))
+        if dev["score"] > best["score"]:
+            best = {"score": dev["score"], "epoch": epoch + 1, "dev": dev}
+            save_finetuned(out, model, cfg, adapter_cfg, config, task, allocator)
+    wall = time.time() - t_start
+
+    result = {
+        "task": task.name, "method": cfg.method, "seed": cfg.seed, "suite": cfg.suite,
+        "score": best["score"], "best_epoch": best["epoch"], "dev": best["dev"],
+        "last_score": history[-1]["score"], "epochs": cfg.epochs, "lr": lr,
+        "trainable_params": trainable, "total_params": total,
+        "active_adapter_params": dynlora.active_parameter_count(model) if cfg.method != "full" else None,
+        "train_examples": len(train_ids), "wall_s": round(wall, 1),
+        "tokens_per_s": round(speed.tokens / max(1e-9, wall), 1),
+        "backbone": cfg.backbone, "machine": machine_description(), "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "run_dir": str(out),
+    }
+    atomic_write_text(out / "final.json", json.dumps(result, indent=2))
+    append_result(result, Path(cfg.results_dir))
+    import plots
+    plots.finetune_curves(history, task.name, out / "curves.png")
+    if allocator is not None:
+        plots.allocation_plots(allocator.history, out)
+    print(f"finetune {task.name} ({cfg.method}): best dev score {100 * best['score']:.2f} at epoch "
+          f"{best['epoch']}, {wall / 60:.1f} min; run folder {out}")
+    return result
+
+
+def save_finetuned(out: Path, model: GPTClassifier, cfg: FinetuneConfig, adapter_cfg, config: GPTConfig,
+                   task: data.TaskSpec, allocator):
+    """The best model so far: the whole state dict (full) or the adapter file (adapter methods)."""
+    meta = {"task": task.name, "method": cfg.method, "num_outputs": task.num_outputs,
+            "tokenizer_sha256": file_sha256(out / TOKENIZER_FILE), "backbone": cfg.backbone}
+    if cfg.method == "full":
+        atomic_torch_save({"config": config.to_dict(), "model": model.state_dict(), **meta}, out / "model.pt")
+    else:
+        extra = {**meta, "allocator": allocator.state_dict() if allocator is not None else None}
+        dynlora.save_adapter(out / "adapter.pt", model, adapter_cfg, extra=extra)
+
+
+def load_finetuned(run_dir: str, backbone: str | None = None) -> tuple[GPTClassifier, "data.Tokenizer", dict]:
+    """(model, tokenizer, meta) of a run folder written by finetune()."""
+    run = Path(run_dir)
+    tok_path = run / TOKENIZER_FILE
+    if (run / "model.pt").is_file():
+        ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+        config = GPTConfig.from_dict(ckpt["config"])
+        model = GPTClassifier(config, ckpt["num_outputs"])
+        model.load_state_dict(ckpt["model"])
+        meta = ckpt
+    elif (run / "adapter.pt").is_file():
+        meta = torch.load(run / "adapter.pt", map_location="cpu", weights_only=False)["extra"]
+        config, backbone_state, _, _ = load_backbone(backbone or meta["backbone"])
+        model = build_classifier(config, backbone_state, meta["num_outputs"])
+        dynlora.load_adapter(run / "adapter.pt", model)
+    else:
+        raise FileNotFoundError(f"--run {run}: neither model.pt nor adapter.pt there; is it a finetune run folder?")
+    tok = data.load_tokenizer(tok_path)
+    if file_sha256(tok_path) != meta["tokenizer_sha256"]:
+        raise ValueError(f"{tok_path} is not the tokenizer this model was trained with; restore the run's "
+                         f"tokenizer.json")
+    model.eval()
+    return model, tok, meta
+
+
+def evaluate_run(run_dir: str, data_dir: str | None = None, backbone: str | None = None,
+                 batch_size: int = 64) -> dict:
+    """Score a saved fine-tuned model on its task's dev split(s)."""
+    model, tok, meta = load_finetuned(run_dir, backbone)
+    task = data.get_task(meta["task"])
+    ddir = data.resolve_data_dir(data_dir)
+    data.ensure_task(ddir, task)
+    max_len = json.loads((Path(run_dir) / "config.json").read_text())["finetune"]["max_len"]
+    tok_path = Path(run_dir) / TOKENIZER_FILE
+    batchers = {}
+    for split in task.dev_files:
+        ids, labels = data.cached_encode(tok, tok_path, task, split, data.read_split(ddir, task, split),
+                                         max_len, tok_path.parent / "cache")
+        batchers[split] = data.BucketBatcher(ids, labels, batch_size, shuffle=False)
+    return evaluate(model, task, batchers)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Results: the results/ files and the README report
+# ---------------------------------------------------------------------------------------------------------
+
+RESULTS_FILE = "finetune.jsonl"
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def append_result(result: dict, results_dir: Path):
+    results_dir = REPO / results_dir if not results_dir.is_absolute() else results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with open(results_dir / RESULTS_FILE, "a") as fh:
+        fh.write(json.dumps(result) + "\n")
+
+
+def load_results(results_dir: Path = RESULTS_DIR) -> list:
+    path = Path(results_dir) / RESULTS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+TASK_ORDER = ["CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "WNLI"]
+METHOD_ORDER = ["full", "lora", "alloc", "gate", "dynlora", "adalora"]
+
+
+def render_report(results: list, bench: dict | None = None) -> str:
+    """Markdown tables of the results: one per suite, methods x tasks, mean +- std over seeds."""
+    lines = []
+    suites = sorted({r.get("suite", "") for r in results})
+    for suite in suites:
+        rows = [r for r in results if r.get("suite", "") == suite]
+        tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in rows)]
+        methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
+        lines.append(f"**Suite `{suite or 'default'}`** — GLUE dev score x 100 (best epoch; mean ± std over seeds, "
+                     f"n = seeds), trainable parameters, wall time per run.\n")
+        lines.append("| method | " + " | ".join(tasks) + " | avg | trainable params | wall (min, mean) |")
+        lines.append("|---" * (len(tasks) + 4) + "|")
+        for m in methods:
+            cells, means, params, walls = [], [], set(), []
+            for t in tasks:
+                scores = [100 * r["score"] for r in rows if r["task"] == t and r["method"] == m]
+                params |= {r["trainable_params"] for r in rows if r["task"] == t and r["method"] == m}
+                walls += [r["wall_s"] for r in rows if r["task"] == t and r["method"] == m]
+                if not scores:
+                    cells.append("—")
+                    continue
+                means.append(np.mean(scores))
+                sd = f" ± {np.std(scores, ddof=1):.1f}" if len(scores) > 1 else ""
+                cells.append(f"{np.mean(scores):.1f}{sd} (n={len(scores)})")
+            avg = f"{np.mean(means):.1f}" if len(means) == len(tasks) else "—"
+            param_text = (f"{min(params):,}" if len(params) == 1 else f"{min(params):,}–{max(params):,}")
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} | {param_text} | {np.mean(walls) / 60:.1f} |")
+        machines = sorted({r["machine"] for r in rows})
+        commits = sorted({r["commit"] for r in rows})
+        lines.append(f"\nMachine: {'; '.join(machines)}. Commits: {', '.join(commits)}.\n")
+    if bench:
+        lines.append(render_bench(bench))
+    return "\n".join(lines)
+
+
+def render_bench(bench: dict) -> str:
+    lines = [f"**Benchmark** (`python train.py bench`, {bench['machine']}, commit {bench['commit']}, "
+             f"{bench['date']}):\n", "| figure | value | target |", "|---|---|---|"]
+    for row in bench["rows"]:
+        lines.append(f"| {row['name']} | {row['value']} | {row.get('target', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(readme: Path = REPO / "README.md", results_dir: Path = RESULTS_DIR) -> str:
+    """Replace the text between the README's result markers with freshly rendered tables."""
+    bench_path = Path(results_dir) / "bench.json"
+    bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
+    report = render_report(load_results(results_dir), bench)
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} markers; add them where the tables go")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    atomic_write_text(readme, head + README_START + "\n" + report + "\n" + README_END + tail)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. The main job and the command line
+# ---------------------------------------------------------------------------------------------------------
+
+def main_job(data_dir: str | None = None):
+    """For a newcomer: pretrain once (cached in runs/backbone), fine-tune SST-2, print the results."""
+    t0 = time.time()
+    backbone = REPO / "runs" / "backbone"
+    if not (backbone / BACKBONE_FILE).is_file():
+        pretrain(PretrainConfig(out_dir=str(backbone), data_dir=data_dir))
+    else:
+        print(f"main: using the cached backbone in {backbone} (delete it to pretrain again)")
+    result = finetune(FinetuneConfig(task="SST-2", method="full", backbone=str(backbone), data_dir=data_dir,
+                                     suite="main"))
+    print(f"\nmain: SST-2 dev accuracy {100 * result['dev']['dev']['accuracy']:.2f}% "
+          f"(full fine-tuning, epoch {result['best_epoch']}); total wall time {(time.time() - t0) / 60:.1f} min")
+    print(render_report([r for r in load_results() if r.get("suite") == "main"]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=None, help="GLUE folder for the main job")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("pretrain", help="causal-LM pretraining of the backbone")
+    add_config_args(p, PretrainConfig)
+    p = sub.add_parser("finetune", help="fine-tune on a GLUE task")
+    add_config_args(p, FinetuneConfig)
+    add_config_args(p, dynlora.AdapterConfig, rename=dynlora.FLAG_NAMES, only_if_given=True)
+    p = sub.add_parser("eval", help="score a saved fine-tuned run on its dev split(s)")
+    p.add_argument("--run", required=True, help="run folder written by finetune")
+    p.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR, else ./data/glue)")
+    p.add_argument("--backbone", default=None, help="backbone folder for adapter runs (default: the one trained with)")
+    sub.add_parser("report", help="render the README's result tables from results/")
+    p = sub.add_parser("bench", help="speed and memory figures (writes results/bench.json)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command is None:
+            main_job(args.data_dir)
+        elif args.command == "pretrain":
+            pretrain(config_from_args(PretrainConfig, args))
+        elif args.command == "finetune":
+            cfg = config_from_args(FinetuneConfig, args)
+            given = {f.name: getattr(args, f.name) for f in fields(dynlora.AdapterConfig) if hasattr(args, f.name)}
+            if cfg.method == "full" and given:
+                raise ValueError(f"adapter options ({', '.join(sorted(given))}) need an adapter --method, not 'full'")
+            adapter_cfg = dynlora.config_for_method(cfg.method, **given) if cfg.method != "full" else None
+            finetune(cfg, adapter_cfg)
+        elif args.command == "eval":
+            res = evaluate_run(args.run, args.data_dir, args.backbone)
+            print(json.dumps(res, indent=2))
+        elif args.command == "report":
+            print(write_report())
+        elif args.command == "bench":
+            import bench
+            bench.run(quick=args.quick)
+    except (ValueError, FileNotFoundError) as err:      # data.DataError is a ValueError
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
