@@ -21,12 +21,15 @@ What this file holds, in order:
 """
 
 import argparse
+import copy
+import inspect
 import itertools
 import dataclasses
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -51,71 +54,85 @@ RESULTS_DIR = REPO / "results"
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Configs and the flag generator
+#
+# A config is a plain dataclass with a comment on each field; add_config_args turns the fields into --flags
+# and the comments into their --help. No exec, no globals: a run's whole configuration is one object,
+# saved with the run as JSON.
 # ---------------------------------------------------------------------------------------------------------
-
-def opt(default, help: str, **kw):
-    """A config field with its help text (shown by --help)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
 
 @dataclass
 class PretrainConfig:
-    out_dir: str = opt("runs/backbone", "folder for the backbone checkpoint, its tokenizer and curves")
-    data_dir: str | None = opt(None, "GLUE folder (default: $GLUE_DIR, else ./data/glue)")
-    tasks: str = opt("CoLA,SST-2,MRPC,STS-B,RTE", "GLUE tasks whose unlabeled TRAIN text is the corpus")
-    corpus: list = opt([], "extra plain-text files, one document per line", nargs="*")
-    preset: str = opt("cpu", "model size: nano | cpu | gpt2 (see model.PRESETS)")
-    vocab_size: int = opt(8192, "BPE vocabulary size, special tokens included")
-    block_size: int = opt(128, "context length in tokens")
-    batch_size: int = opt(32, "sequences per step")
-    max_steps: int = opt(400, "optimizer steps")
-    lr: float = opt(1e-3, "peak learning rate (AdamW)")
-    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
-    warmup_steps: int = opt(40, "linear warm-up steps")
-    weight_decay: float = opt(0.1, "AdamW weight decay on matrices (not on biases or LayerNorm)")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
-    dropout: float = opt(0.0, "dropout probability")
-    holdout: float = opt(0.02, "fraction of the token stream held out to measure validation loss")
-    eval_every: int = opt(100, "steps between validation-loss measurements")
-    seed: int = opt(1337, "random seed")
-    threads: int = opt(0, "CPU threads (0 = PyTorch's default)")
+    out_dir: str = "runs/backbone"                      # folder for the backbone checkpoint, its tokenizer and curves
+    data_dir: str | None = None                         # GLUE folder (default: $GLUE_DIR, else ./data/glue)
+    tasks: str = "CoLA,SST-2,MRPC,STS-B,RTE"            # GLUE tasks whose unlabeled TRAIN text is the corpus
+    corpus: list = field(default_factory=list)          # extra plain-text files, one document per line
+    preset: str = "cpu"                                 # model size: nano | cpu | gpt2 (see model.PRESETS)
+    n_layer: int = 0                                    # transformer blocks (0 = the preset's)
+    n_head: int = 0                                     # attention heads; must divide the width (0 = the preset's)
+    n_embd: int = 0                                     # width of the residual stream (0 = the preset's)
+    vocab_size: int = 8192                              # BPE vocabulary size, special tokens included
+    block_size: int = 128                               # context length in tokens
+    batch_size: int = 32                                # sequences per step
+    max_steps: int = 400                                # optimizer steps
+    lr: float = 1e-3                                    # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1                           # final learning rate as a fraction of the peak (cosine decay)
+    warmup_steps: int = 40                              # linear warm-up steps
+    weight_decay: float = 0.1                           # AdamW weight decay on matrices (not on biases or LayerNorm)
+    grad_clip: float = 1.0                              # clip the global gradient norm to this (0 = off)
+    dropout: float = 0.0                                # dropout probability
+    holdout: float = 0.02                               # fraction of the token stream held out to measure validation loss
+    eval_every: int = 100                               # steps between validation-loss measurements
+    seed: int = 1337                                    # random seed
+    threads: int = 0                                    # CPU threads (0 = PyTorch's default)
 
 
 @dataclass
 class FinetuneConfig:
-    task: str = opt("SST-2", "GLUE task: CoLA SST-2 MRPC STS-B QQP MNLI QNLI RTE WNLI")
-    method: str = opt("full", "full | lora | alloc | gate | dynlora | adalora")
-    backbone: str = opt("runs/backbone", "pretrained backbone folder ('' = random init, with a warning)")
-    data_dir: str | None = opt(None, "GLUE folder (default: $GLUE_DIR, else ./data/glue)")
-    out_dir: str = opt("", "run folder (default: runs/<task>-<method>-s<seed>)")
-    epochs: int = opt(3, "passes over the training set")
-    batch_size: int = opt(32, "examples per step")
-    lr: float = opt(0.0, "peak learning rate (0 = the method's default: 2e-4 full, 1e-3 adapters)")
-    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
-    warmup_ratio: float = opt(0.06, "fraction of the steps spent in linear warm-up")
-    weight_decay: float = opt(0.01, "AdamW weight decay on matrices")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
-    max_len: int = opt(128, "longest input in tokens; longer pairs are truncated, longest text first")
-    max_train: int = opt(0, "use only the first N training examples (0 = all), for quick trials")
-    seed: int = opt(0, "random seed (initialisation of new weights, dropout, batch order)")
-    threads: int = opt(0, "CPU threads (0 = PyTorch's default)")
-    suite: str = opt("", "label stored with the result, to group runs in the report")
-    results_dir: str = opt("results", "folder whose finetune.jsonl gets this run's final metrics appended")
+    task: str = "SST-2"                                 # GLUE task: CoLA SST-2 MRPC STS-B QQP MNLI QNLI RTE WNLI
+    method: str = "full"                                # full | lora | alloc | gate | dynlora | adalora
+    backbone: str = "runs/backbone"                     # pretrained backbone folder ('' = random init, with a warning)
+    data_dir: str | None = None                         # GLUE folder (default: $GLUE_DIR, else ./data/glue)
+    out_dir: str = ""                                   # run folder (default: runs/<task>-<method>-s<seed>)
+    epochs: int = 3                                     # passes over the training set
+    batch_size: int = 32                                # examples per step
+    lr: float = 0.0                                     # peak learning rate (0 = the method's default: 2e-4 full, 1e-3 adapters)
+    min_lr_ratio: float = 0.1                           # final learning rate as a fraction of the peak (cosine decay)
+    warmup_ratio: float = 0.06                          # fraction of the steps spent in linear warm-up
+    weight_decay: float = 0.01                          # AdamW weight decay on matrices
+    grad_clip: float = 1.0                              # clip the global gradient norm to this (0 = off)
+    max_len: int = 128                                  # longest input in tokens; longer pairs are truncated, longest text first
+    max_train: int = 0                                  # use only the first N training examples (0 = all), for quick trials
+    seed: int = 0                                       # random seed (initialisation of new weights, dropout, batch order)
+    threads: int = 0                                    # CPU threads (0 = PyTorch's default)
+    suite: str = ""                                     # label stored with the result, to group runs in the report
+    results_dir: str = "results"                        # folder whose finetune.jsonl gets this run's final metrics appended
+
+
+def field_comments(cls) -> dict:
+    """{field name: its end-of-line comment} read from the class's source: the comments are the --help."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            for line in inspect.getsource(klass).splitlines():
+                match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+                if match:
+                    comments[match.group(1)] = match.group(2).strip()
+    return comments
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, rename: dict | None = None, only_if_given: bool = False):
-    """Add one --flag per dataclass field: name, type, default and help all come from the field.
+    """Add one --flag per dataclass field: its name, type and default come from the field, its help from
+    the field's comment.
 
     With only_if_given, a flag the user does not pass is left out of the parsed namespace, so that a preset
     (such as a method's adapter settings) can supply its own value for it.
     """
     rename = rename or {}
+    comments = field_comments(cls)
     for f in fields(cls):
         flag = "--" + rename.get(f.name, f.name).replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        help_text = comments.get(f.name, "") + f" (default: {default})"
         kw = dict(dest=f.name, help=help_text, default=argparse.SUPPRESS if only_if_given else default)
         kind = type(default) if default is not None else str
         if kind is bool:
@@ -237,6 +254,14 @@ def read_corpus_files(paths: list) -> list:
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Causal-LM pretraining on unlabeled text; saves <out_dir>/backbone.pt and tokenizer.json."""
+    for name in ("max_steps", "batch_size", "block_size", "vocab_size", "eval_every"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or not 0 <= cfg.holdout < 0.5 or not 0 <= cfg.warmup_steps < cfg.max_steps:
+        raise ValueError(f"need --lr > 0 (got {cfg.lr}), --holdout in [0, 0.5) (got {cfg.holdout}) and "
+                         f"0 <= --warmup-steps < --max-steps (got {cfg.warmup_steps}, {cfg.max_steps})")
+    shape = {k: v for k, v in [("n_layer", cfg.n_layer), ("n_head", cfg.n_head), ("n_embd", cfg.n_embd)] if v}
+    gptmodel.preset(cfg.preset, block_size=cfg.block_size, dropout=cfg.dropout, **shape)   # fail fast on the shape
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
@@ -260,7 +285,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                              f"add text (--corpus, --tasks) or lower --block-size/--batch-size")
 
     config = gptmodel.preset(cfg.preset, vocab_size=tok.get_vocab_size(), block_size=cfg.block_size,
-                             dropout=cfg.dropout, pad_id=tok.token_to_id(data.PAD))
+                             dropout=cfg.dropout, pad_id=tok.token_to_id(data.PAD), **shape)
     model = GPT(config)
     print(f"pretrain: {len(train_stream):,} train / {len(val_stream):,} held-out tokens; "
           f"model {model.num_params():,} parameters ({cfg.preset})")
@@ -398,13 +423,20 @@ def run_name(cfg: FinetuneConfig) -> str:
     return f"{data.get_task(cfg.task).name}-{cfg.method}-s{cfg.seed}"
 
 
-def finetune(cfg: FinetuneConfig, adapter_cfg: "dynlora.AdapterConfig | None" = None) -> dict:
-    """Fine-tune on one GLUE task; returns the final result record (also appended to results/)."""
+def finetune(cfg: FinetuneConfig, adapter_overrides: dict | None = None) -> dict:
+    """Fine-tune on one GLUE task; returns the final result record (also appended to results/).
+
+    adapter_overrides: AdapterConfig fields that replace the defaults of cfg.method (e.g. {"r": 4}).
+    """
     set_threads(cfg.threads)
     task = data.get_task(cfg.task)
     methods = ["full", *dynlora.METHODS]
     if cfg.method not in methods:
         raise ValueError(f"--method {cfg.method!r} is not known; choose one of {methods}")
+    if cfg.method == "full" and adapter_overrides:
+        raise ValueError(f"adapter options ({', '.join(sorted(adapter_overrides))}) need an adapter --method, "
+                         f"not 'full'")
+    adapter_cfg = dynlora.config_for_method(cfg.method, **(adapter_overrides or {})) if cfg.method != "full" else None
     for name, value in [("epochs", cfg.epochs), ("batch_size", cfg.batch_size), ("max_len", cfg.max_len)]:
         if value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
@@ -452,8 +484,7 @@ def finetune(cfg: FinetuneConfig, adapter_cfg: "dynlora.AdapterConfig | None" = 
     model = build_classifier(config, backbone_state, task.num_outputs)
     allocator = None
     total_steps = cfg.epochs * len(train_batcher)
-    if cfg.method != "full":
-        adapter_cfg = adapter_cfg or dynlora.config_for_method(cfg.method)
+    if adapter_cfg is not None:
         dynlora.apply_lora(model, adapter_cfg)
         if adapter_cfg.allocation:
             allocator = dynlora.RankAllocator(model, adapter_cfg, total_steps)
@@ -474,6 +505,7 @@ def finetune(cfg: FinetuneConfig, adapter_cfg: "dynlora.AdapterConfig | None" = 
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    commit = git_commit()                 # the code this run starts with, recorded with its result
     t_start = time.time()
     speed = Throughput()
     best = {"score": -float("inf")}
@@ -492,17 +524,17 @@ def finetune(cfg: FinetuneConfig, adapter_cfg: "dynlora.AdapterConfig | None" = 
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable_params, cfg.grad_clip)
             optimizer.step()
+            step += 1                         # optimizer steps taken, counted from 1
             if allocator is not None:
+                n_before = len(allocator.history)
                 allocator.step(step)          # after optimizer.step(), before zero_grad(): it reads the grads
+                if len(allocator.history) > n_before:           # a reallocation: log the new rank pattern
+                    log({"epoch": epoch + 1, **allocator.history[-1]})
             optimizer.zero_grad(set_to_none=True)
-            step += 1
             tps = speed.add(idx.numel())
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_now:.1e}", tok_s=f"{tps:,.0f}")
             if step % 50 == 0:
                 record = {"step": step, "epoch": epoch + 1, "train_loss": loss.item(), "lr": lr_now}
-                if allocator is not None:
-                    record["ranks"] = allocator.rank_pattern()
-                    record["budget"] = sum(record["ranks"].values())
                 log(record)
                 history.append(record)
         dev = evaluate(model, task, dev_batchers)
@@ -514,8 +546,12 @@ def finetune(cfg: FinetuneConfig, adapter_cfg: "dynlora.AdapterConfig | None" = 
                                for s, m in dev.items() if s != "score"))
         if dev["score"] > best["score"]:
             best = {"score": dev["score"], "epoch": epoch + 1, "dev": dev}
+            best_state = copy.deepcopy(model.state_dict())
             save_finetuned(out, model, cfg, adapter_cfg, config, task, allocator)
     wall = time.time() - t_start
+    model.load_state_dict(best_state)         # the reported model is the best epoch's
+    inference = inference_forms(model, adapter_cfg, task, dev_batchers, train_batcher, config.pad_id, out) \
+        if adapter_cfg is not None else {}
 
     result = {
         "task": task.name, "method": cfg.method, "seed": cfg.seed, "suite": cfg.suite,
@@ -523,9 +559,10 @@ def finetune(cfg: FinetuneConfig, adapter_cfg: "dynlora.AdapterConfig | None" = 
         "last_score": history[-1]["score"], "epochs": cfg.epochs, "lr": lr,
         "trainable_params": trainable, "total_params": total,
         "active_adapter_params": dynlora.active_parameter_count(model) if cfg.method != "full" else None,
+        **inference,
         "train_examples": len(train_ids), "wall_s": round(wall, 1),
         "tokens_per_s": round(speed.tokens / max(1e-9, wall), 1),
-        "backbone": cfg.backbone, "machine": machine_description(), "commit": git_commit(),
+        "backbone": cfg.backbone, "machine": machine_description(), "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "run_dir": str(out),
     }
     atomic_write_text(out / "final.json", json.dumps(result, indent=2))
@@ -536,6 +573,32 @@ def finetune(cfg: FinetuneConfig, adapter_cfg: "dynlora.AdapterConfig | None" = 
         plots.allocation_plots(allocator.history, out)
     print(f"finetune {task.name} ({cfg.method}): best dev score {100 * best['score']:.2f} at epoch "
           f"{best['epoch']}, {wall / 60:.1f} min; run folder {out}")
+    return result
+
+
+def inference_forms(model: GPTClassifier, adapter_cfg, task: data.TaskSpec, dev_batchers: dict,
+                    train_batcher, pad_id: int, out: Path) -> dict:
+    """How an adapter model is deployed, and what that costs: the merged model's dev score, and for gated
+    models the effective rank the gates use on dev.
+
+    A gated update depends on the input, so it cannot be merged into W0 as it is. freeze_gates replaces each
+    gate by its mean over calibration data (the first 20 training batches); the merged score then measures
+    the accuracy cost of that static approximation. Allocation-only models merge exactly.
+    """
+    result = {}
+    if adapter_cfg.gating:
+        with dynlora.gate_statistics(model, pad_id=pad_id) as stats:
+            evaluate(model, task, dev_batchers)
+        summary = stats.summary()
+        result["mean_effective_rank"] = float(np.mean([v["mean_effective_rank"] for v in summary.values()]))
+        atomic_write_text(out / "gates.json", json.dumps(summary, indent=2))
+        import plots
+        plots.effective_rank_hist({n: t.numpy() for n, t in stats.per_token_rank().items()}, adapter_cfg.r,
+                                  out / "effective_rank.png")
+        calibration = itertools.islice(train_batcher.epoch(0), 20)
+        dynlora.freeze_gates(model, calibration, pad_id=pad_id)
+    merged = dynlora.merge_and_unload(model)
+    result["merged_score"] = evaluate(merged, task, dev_batchers)["score"]
     return result
 
 
@@ -725,10 +788,7 @@ def main(argv=None):
         elif args.command == "finetune":
             cfg = config_from_args(FinetuneConfig, args)
             given = {f.name: getattr(args, f.name) for f in fields(dynlora.AdapterConfig) if hasattr(args, f.name)}
-            if cfg.method == "full" and given:
-                raise ValueError(f"adapter options ({', '.join(sorted(given))}) need an adapter --method, not 'full'")
-            adapter_cfg = dynlora.config_for_method(cfg.method, **given) if cfg.method != "full" else None
-            finetune(cfg, adapter_cfg)
+            finetune(cfg, given)
         elif args.command == "eval":
             res = evaluate_run(args.run, args.data_dir, args.backbone)
             print(json.dumps(res, indent=2))

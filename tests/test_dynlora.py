@@ -1,0 +1,661 @@
+"""Tests of dynlora.py, chapter by chapter: each one would fail if the formula or guard it names were wrong.
+
+All models are model.preset("nano") (2 blocks, width 32) or a single small layer; each test takes well under
+a second on an idle CPU (the first optimizer step of a process pays a one-off start-up cost).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dynlora
+from dynlora import (AdapterConfig, LoRALinear, RankAllocator, adapter_layers, apply_lora, budget_schedule,
+                     config_for_method, count_parameters, freeze_gates, gate_statistics, load_adapter,
+                     merge_adapters, merge_and_unload, regularization_loss, save_adapter, unmerge_adapters)
+from model import GPTClassifier, preset
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+
+def classifier(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPTClassifier(preset("nano", **overrides), num_outputs=2)
+
+
+def batch(seed=1, B=3, T=10, vocab=512):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(1, vocab, (B, T), generator=g)
+    y = torch.randint(0, 2, (B,), generator=g)
+    return idx, y
+
+
+def adapted(method="lora", seed=0, model_seed=0, **overrides):
+    """A nano classifier with adapters; the adapter init uses `seed`."""
+    model = classifier(model_seed)
+    config = config_for_method(method, **{"r": 4, "target_r": 2, **overrides})
+    torch.manual_seed(seed)
+    apply_lora(model, config)
+    return model, config
+
+
+def randomize_B(model, seed=3, std=0.3):
+    """Give every adapter a nonzero update (B = 0 at init would make many checks trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
+            if layer.form == "svd":
+                layer.lora_E.copy_(torch.randn(layer.r, generator=g))
+
+
+def train_steps(model, n, allocator=None, lr=1e-2, seed=5, start=1):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    for t in range(start, start + n):
+        idx, y = batch(seed + t)
+        _, loss = model(idx, y)
+        (loss + regularization_loss(model)).backward()
+        opt.step()
+        if allocator is not None:
+            allocator.step(t)
+        opt.zero_grad()
+
+
+def set_params_and_grads(allocator, values: dict):
+    """values: layer name -> (param value, grad value or None) applied to A, B (and lambda)."""
+    with torch.no_grad():
+        for name, layer in allocator.layers:
+            value, grad = values[name]
+            for p in allocator._params(layer).values():
+                p.fill_(value)
+                p.grad = None if grad is None else torch.full_like(p, grad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chapter 1: LoRA
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", list(dynlora.METHODS))
+def test_zero_update_at_init_gives_the_base_model_exactly(method):
+    model = classifier()
+    idx, _ = batch()
+    model.eval()
+    with torch.no_grad():
+        before = model(idx)[0]
+    apply_lora(model, config_for_method(method, r=4, target_r=2))
+    with torch.no_grad():
+        after = model(idx)[0]
+    assert torch.equal(before, after)        # B = 0 (plain) or lambda = 0 (svd): dW = 0 exactly
+
+
+def test_training_changes_only_adapters_and_head():
+    model, _ = adapted("lora")
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n or n.startswith("head.") for n in trainable_before)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)   # decay would move frozen weights if they were in it
+    for t in range(3):
+        idx, y = batch(t)
+        model(idx, y)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), n          # bit-identical backbone
+        else:
+            assert not torch.equal(p, trainable_before[n]), n   # A, B and the head all moved
+
+
+def test_parameter_counts():
+    model, _ = adapted("lora")
+    trainable, total = count_parameters(model)
+    adapters = 4 * 4 * (32 + 32)          # 2 blocks x (q, v) adapters, r = 4, each r (d_in + d_out)
+    head = 32 * 2 + 2
+    assert trainable == adapters + head
+    assert total == sum(p.numel() for p in classifier().parameters()) + adapters
+    assert dynlora.active_parameter_count(model) == adapters
+
+
+def test_bias_options():
+    model, _ = adapted("lora", bias="lora_only")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "gpt.blocks.0.attn.q_proj.base.bias" in trainable
+    assert "gpt.blocks.0.attn.k_proj.bias" not in trainable
+    model, _ = adapted("lora", bias="all")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"gpt.blocks.0.attn.k_proj.bias", "gpt.blocks.1.ln_2.bias", "gpt.blocks.0.attn.q_proj.base.bias"} <= trainable
+    assert "gpt.blocks.0.attn.k_proj.weight" not in trainable
+
+
+def test_merge_matches_unmerged_and_unmerge_restores_W0():
+    model, _ = adapted("lora")
+    randomize_B(model)
+    w0 = {n: l.base.weight.detach().clone() for n, l in adapter_layers(model)}
+    idx, _ = batch()
+    model.eval()
+    with torch.no_grad():
+        ref = model(idx)[0]
+        merge_adapters(model)
+        merged = model(idx)[0]
+    assert all(l.merged for _, l in adapter_layers(model))
+    assert torch.allclose(merged, ref, atol=1e-6)
+    with pytest.raises(RuntimeError, match="already merged"):
+        merge_adapters(model)
+    unmerge_adapters(model)
+    for n, l in adapter_layers(model):
+        assert torch.allclose(l.base.weight, w0[n], atol=1e-6)
+    with pytest.raises(RuntimeError, match="not merged"):
+        adapter_layers(model)[0][1].unmerge()
+
+
+def test_merged_layer_forward_uses_only_the_base():
+    layer = LoRALinear(nn.Linear(6, 5), r=2, alpha=4.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.merge()
+    with torch.no_grad():
+        layer.lora_B.zero_()                 # if forward still added the adapter, this would change the output
+    x = torch.randn(3, 6)
+    assert torch.equal(layer(x), layer.base(x))
+
+
+def test_gradients_match_closed_form():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(5, 4), r=3, alpha=6.0)   # s = 6 / 3 = 2
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x, G = torch.randn(7, 5), torch.randn(7, 4)
+    loss = (layer(x) * G).sum()                           # dL/dh = G
+    loss.backward()
+    s, A, B = 2.0, layer.lora_A.detach(), layer.lora_B.detach()
+    z = x @ A.t()                                         # (7, 5) @ (5, 3) -> (7, 3)
+    assert torch.allclose(layer.lora_B.grad, s * G.t() @ z, atol=1e-5)       # dL/dB = s sum_n g_n z_n^T
+    assert torch.allclose(layer.lora_A.grad, s * B.t() @ G.t() @ x, atol=1e-5)  # dL/dA = s B^T sum_n g_n x_n^T
+    assert layer.base.weight.grad is None
+
+
+def test_rslora_scaling():
+    plain = LoRALinear(nn.Linear(8, 8), r=4, alpha=16.0)
+    rs = LoRALinear(nn.Linear(8, 8), r=4, alpha=16.0, use_rslora=True)
+    assert plain.scaling == 4.0 and rs.scaling == 8.0       # 16 / 4 and 16 / sqrt(4)
+    with torch.no_grad():
+        rs.lora_B.normal_()
+    x = torch.randn(3, 8)
+    expected = rs.base(x) + 8.0 * (x @ rs.lora_A.t()) @ rs.lora_B.t()
+    assert torch.allclose(rs(x), expected, atol=1e-5)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 16), r=4, alpha=8.0, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(10, 16)
+    no_dropout = layer.base(x) + 2.0 * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    layer.eval()
+    assert torch.allclose(layer(x), no_dropout, atol=1e-5) and torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.allclose(layer(x), no_dropout, atol=1e-3)
+
+
+def test_static_lora_is_the_plain_path():
+    layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=4.0)
+    assert layer.static_coefficients() is None
+    assert not hasattr(layer, "mask") and not hasattr(layer, "gate_weight") and not hasattr(layer, "lora_E")
+
+
+@pytest.mark.parametrize("method", ["lora", "dynlora", "adalora"])
+def test_adapter_save_load_round_trip(tmp_path, method):
+    model, config = adapted(method, t_init=2, t_final=2, delta_t=2)
+    allocator = RankAllocator(model, config, 8) if config.allocation else None
+    train_steps(model, 6, allocator)
+    path = save_adapter(tmp_path / "adapter.pt", model, config, extra={"task": "toy", "step": 6})
+    assert path.stat().st_size < 200_000
+    idx, _ = batch(9)
+    model.eval()
+    with torch.no_grad():
+        ref = model(idx)[0]
+    fresh = classifier()                       # the same pretrained backbone, a new random head
+    _, loaded_config, extra = load_adapter(path, fresh)
+    fresh.eval()
+    with torch.no_grad():
+        out = fresh(idx)[0]
+    assert torch.equal(out, ref)               # exactly the same function, head included
+    assert loaded_config == config and extra == {"task": "toy", "step": 6}
+
+
+def test_bad_configs_are_rejected_with_clear_messages():
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        AdapterConfig(r=0)
+    with pytest.raises(ValueError, match=r"unknown target.*valid targets"):
+        AdapterConfig(targets=("q_proj", "query"))
+    with pytest.raises(ValueError, match="bias must be"):
+        AdapterConfig(bias="some")
+    with pytest.raises(ValueError, match="gate_penalty must be >= 0"):
+        AdapterConfig(gate_penalty=-0.1)
+    with pytest.raises(ValueError, match="ortho_gamma must be >= 0"):
+        AdapterConfig(ortho_gamma=-1.0)
+    with pytest.raises(ValueError, match=r"target_r \(12\) is above the initial rank r \(8\)"):
+        config_for_method("alloc", r=8, target_r=12)
+    config_for_method("lora", r=2)             # target_r (4) is irrelevant without allocation: accepted
+    with pytest.raises(ValueError, match=r"gpt\.blocks\.0\.attn\.q_proj \(32 -> 32\).*exceeds min"):
+        apply_lora(classifier(), config_for_method("lora", r=64))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        apply_lora(classifier(), config_for_method("lora", modules_to_save=("classifier",)))
+    model, _ = adapted("lora")
+    with pytest.raises(ValueError, match="already has adapters"):
+        apply_lora(model, config_for_method("lora"))
+
+
+def test_adapter_file_for_another_backbone_is_refused(tmp_path):
+    model, config = adapted("lora")
+    path = save_adapter(tmp_path / "a.pt", model)
+    cases = [(classifier(n_layer=3), "n_layer"),                 # one more block
+             (classifier(n_embd=64), "shape"),                   # wider
+             (classifier(seed=7), "different values")]           # same shapes, other pretrained weights
+    for other, what in cases:
+        with pytest.raises(ValueError, match=what) as err:
+            load_adapter(path, other)
+        assert "a.pt" in str(err.value) and "\n" not in str(err.value)
+        assert not adapter_layers(other)                         # refused before touching the model
+
+
+def test_merge_and_unload_returns_a_plain_equivalent_model():
+    model, config = adapted("alloc")
+    randomize_B(model)
+    layers = adapter_layers(model)
+    with torch.no_grad():
+        layers[0][1].mask.copy_(torch.tensor([1.0, 0.0, 1.0, 0.0]))   # the merge must respect the mask
+    idx, _ = batch()
+    model.eval()
+    with torch.no_grad():
+        ref = model(idx)[0]
+        plain = merge_and_unload(model)
+        out = plain(idx)[0]
+    assert not adapter_layers(plain) and not hasattr(plain, "adapter_config")
+    assert type(plain.gpt.blocks[0].attn.q_proj) is nn.Linear
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert adapter_layers(model) and not layers[0][1].merged          # the input model is untouched
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chapter 2: input-driven gating
+# ---------------------------------------------------------------------------------------------------------
+
+def test_open_gate_reproduces_static_lora():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    static = LoRALinear(base, r=4, alpha=8.0)
+    gated = LoRALinear(nn.Linear(12, 10), r=4, alpha=8.0, gated=True, gate_init=30.0)  # sigmoid(30) = 1 in fp32
+    with torch.no_grad():
+        gated.base.load_state_dict(base.state_dict())
+        static.lora_B.normal_()
+        gated.lora_A.copy_(static.lora_A)
+        gated.lora_B.copy_(static.lora_B)
+    x = torch.randn(2, 5, 12)
+    assert torch.allclose(gated(x), static(x), atol=1e-6, rtol=0)
+
+
+def test_gate_at_init_is_constant_and_penalty_is_its_mean():
+    model, config = adapted("gate", gate_penalty=0.5)
+    idx, _ = batch()
+    model(idx)
+    # W_g = 0: every gate of every token is sigmoid(3), so the mean gate is sigmoid(3) in every layer.
+    reg = regularization_loss(model)
+    assert torch.allclose(reg, torch.tensor(0.5 / (1 + math.exp(-3.0))), atol=1e-6)
+    with pytest.raises(RuntimeError, match="after each forward pass"):
+        regularization_loss(model)             # the records were consumed
+    # With allocation, switched-off components are not penalised: 3 of 4 active -> 3/4 of the mean.
+    model, _ = adapted("dynlora", gate_penalty=1.0)
+    for _, layer in adapter_layers(model):
+        layer.mask[1] = 0.0
+    model(idx)
+    assert torch.allclose(regularization_loss(model), torch.tensor(0.75 / (1 + math.exp(-3.0))), atol=1e-6)
+
+
+def test_gate_penalty_lowers_effective_rank_on_a_toy_problem():
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(8, 8, bias=False)
+
+        def forward(self, x):
+            return self.q_proj(x)
+
+    def effective_rank(penalty):
+        torch.manual_seed(0)
+        toy = Toy()
+        apply_lora(toy, config_for_method("gate", r=4, alpha=4.0, targets=("q_proj",), modules_to_save=(),
+                                          gate_penalty=penalty))
+        g = torch.Generator().manual_seed(1)
+        u, v = torch.randn(8, 1, generator=g), torch.randn(1, 8, generator=g)   # the task: a rank-1 update
+        opt = torch.optim.Adam([p for p in toy.parameters() if p.requires_grad], lr=0.03)
+        for step in range(200):
+            x = torch.randn(64, 8, generator=g)
+            target = toy.q_proj.base(x).detach() + x @ (u @ v).t()
+            loss = F.mse_loss(toy(x), target) + regularization_loss(toy)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        with gate_statistics(toy) as stats, torch.no_grad():
+            toy(torch.randn(256, 8, generator=g))
+        return stats.mean_effective_rank()["q_proj"]
+
+    without, with_penalty = effective_rank(0.0), effective_rank(0.5)
+    assert without >= 3.5                      # nothing asks the gates to close
+    assert with_penalty <= 2.0                 # the penalty switches most components off
+
+
+def test_gate_statistics_counts_real_tokens_only():
+    model, _ = adapted("dynlora")
+    layers = adapter_layers(model)
+    layers[0][1].mask[0] = 0.0                 # 3 of 4 components active in the first layer
+    idx, _ = batch(B=2, T=6)
+    idx[0, 4:] = 0                             # two pad positions (pad_id = 0)
+    with gate_statistics(model, pad_id=0) as stats, torch.no_grad():
+        model.eval()
+        model(idx)
+    hist = stats.histogram()
+    # At init every gate is sigmoid(3) = 0.95 > 0.5: each of the 10 real positions has all active gates open.
+    assert hist[layers[0][0]] == [0, 0, 0, 10, 0]
+    assert hist[layers[1][0]] == [0, 0, 0, 0, 10]
+    assert stats.mean_effective_rank()[layers[0][0]] == 3.0
+    assert all(l.gate_recorder is None for _, l in layers)       # the context leaves nothing behind
+
+
+def test_freeze_gates_then_merge_matches_frozen_forward():
+    model, config = adapted("gate")
+    train_steps(model, 5, lr=5e-2)             # gates now depend on the input
+    idx, _ = batch(11)
+    with pytest.raises(RuntimeError, match="freeze_gates"):
+        merge_and_unload(model)
+    calibration = [batch(20 + i) for i in range(3)]              # (idx, y) tuples, as a loader yields
+    stats = freeze_gates(model, calibration, pad_id=0)
+    assert model.training                                         # mode restored
+    for name, layer in adapter_layers(model):
+        assert layer.gate_is_frozen and torch.equal(layer.frozen_gate, stats.mean_gate()[name])
+    model.eval()
+    with torch.no_grad():
+        frozen = model(idx)[0]
+        merged = merge_and_unload(model)(idx)[0]
+    assert torch.allclose(merged, frozen, atol=1e-5)
+
+
+def test_frozen_gate_is_the_mean_gate_and_survives_save_load(tmp_path):
+    model, _ = adapted("gate")
+    freeze_gates(model, [batch(1)[0]])
+    for _, layer in adapter_layers(model):     # untrained: g = sigmoid(3) for every token
+        assert torch.allclose(layer.frozen_gate, torch.full((4,), 1 / (1 + math.exp(-3.0))), atol=1e-6)
+    randomize_B(model)
+    path = save_adapter(tmp_path / "g.pt", model)
+    fresh = classifier()
+    load_adapter(path, fresh)
+    assert all(l.gate_is_frozen for _, l in adapter_layers(fresh))
+    idx, _ = batch(2)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(idx)[0], model(idx)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chapter 3: importance-based allocation
+# ---------------------------------------------------------------------------------------------------------
+
+def test_budget_schedule_values():
+    # T = 40, t_init = 10, t_final = 20 -> the cubic runs over D = 40 - 20 - 10 = 10 steps; b0 = 24, b_T = 8.
+    kw = dict(total_steps=40, initial_budget=24, target_budget=8, t_init=10, t_final=20, delta_t=5)
+    assert budget_schedule(1, **kw) == (24, False)
+    assert budget_schedule(10, **kw) == (24, False)              # warm-up: no masking
+    assert budget_schedule(11, **kw) == (19, False)              # 8 + floor(16 * 9^3 / 10^3) = 8 + 11
+    assert budget_schedule(12, **kw) == (16, False)              # 8 + floor(16 * 512 / 1000) = 8 + 8
+    assert budget_schedule(15, **kw) == (10, True)               # 8 + floor(16 * 125 / 1000) = 10; (15-10) % 5 == 0
+    assert budget_schedule(20, **kw) == (8, True)                # t = T - t_final: the target, final reallocation
+    assert budget_schedule(21, **kw) == (8, False)               # masks frozen
+    assert budget_schedule(40, **kw) == (8, False)
+
+
+def test_schedule_that_does_not_fit_is_rejected():
+    with pytest.raises(ValueError, match=r"t_init \(30\) \+ t_final \(20\) = 50 must be < the total steps"):
+        budget_schedule(1, 40, 24, 8, t_init=30, t_final=20, delta_t=5)
+    with pytest.raises(ValueError, match="target budget"):
+        budget_schedule(1, 40, 8, 24, t_init=5, t_final=5, delta_t=5)
+    model, config = adapted("alloc", t_init=50, t_final=50)
+    with pytest.raises(ValueError, match="does not fit in 80 training steps"):
+        RankAllocator(model, config, total_steps=80)
+    with pytest.raises(ValueError, match="does not allocate"):
+        RankAllocator(*adapted("gate"), total_steps=80)
+
+
+def test_ema_and_uncertainty_match_hand_computation():
+    model, config = adapted("alloc", r=2, targets=("q_proj",), t_init=10, t_final=10)
+    alloc = RankAllocator(model, config, total_steps=100)
+    first, second = [n for n, _ in alloc.layers]
+    # step 1: A and B of the first layer have theta = -2, grad = 3 -> I = |-6| = 6; the second layer's grads are None.
+    set_params_and_grads(alloc, {first: (-2.0, 3.0), second: (1.0, None)})
+    alloc.step(1)
+    # I_bar = 0.15 * 6 = 0.9;  U_bar = 0.15 * |6 - 0.9| = 0.765
+    assert torch.allclose(alloc.ipt[first]["A"], torch.full((2, 32), 0.9))
+    assert torch.allclose(alloc.unc[first]["A"], torch.full((2, 32), 0.765))
+    assert torch.equal(alloc.ipt[second]["A"], torch.zeros(2, 32))          # grad None -> I = 0, no crash
+    # step 2: I = |2 * 1| = 2 -> I_bar = 0.85 * 0.9 + 0.15 * 2 = 1.065; U_bar = 0.85 * 0.765 + 0.15 * |2 - 1.065| = 0.7905
+    set_params_and_grads(alloc, {first: (2.0, 1.0), second: (1.0, None)})
+    alloc.step(2)
+    assert torch.allclose(alloc.ipt[first]["B"], torch.full((32, 2), 1.065))
+    assert torch.allclose(alloc.unc[first]["B"], torch.full((32, 2), 0.7905))
+    # S_i = mean_j score(A_ij) + mean_j score(B_ji) = 2 * 1.065 * 0.7905 = 1.683765; layer importance = 2 S_i
+    assert torch.allclose(alloc.component_scores()[first], torch.full((2,), 1.683765))
+    assert alloc.layer_importance()[first] == pytest.approx(2 * 1.683765, rel=1e-5)
+
+
+def test_svd_component_score_includes_lambda():
+    model, config = adapted("adalora", r=2, targets=("q_proj",), t_init=10, t_final=10)
+    alloc = RankAllocator(model, config, total_steps=100)
+    first, second = [n for n, _ in alloc.layers]
+    set_params_and_grads(alloc, {first: (1.0, 2.0), second: (1.0, 2.0)})   # I = 2 everywhere
+    alloc.step(1)
+    # per parameter: I_bar = 0.3, U_bar = 0.15 * 1.7 = 0.255, score 0.0765; S_i = A + B + lambda = 3 * 0.0765
+    assert torch.allclose(alloc.component_scores()[first], torch.full((2,), 3 * 0.0765))
+
+
+def test_budget_is_conserved_at_every_reallocation():
+    model, config = adapted("dynlora", t_init=3, t_final=4, delta_t=3)
+    T = 20
+    alloc = RankAllocator(model, config, T)
+    assert alloc.initial_budget == 16 and alloc.target_budget == 8       # 4 layers x r = 4, 4 layers x target 2
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    current = 16
+    for t in range(1, T + 1):
+        idx, y = batch(t)
+        _, loss = model(idx, y)
+        (loss + regularization_loss(model)).backward()
+        opt.step()
+        budget = alloc.step(t)
+        opt.zero_grad()
+        expected, reallocated = budget_schedule(t, T, 16, 8, 3, 4, 3)
+        assert budget == expected
+        if reallocated:
+            current = expected
+        assert sum(alloc.rank_pattern().values()) == current                # exactly b(t) active
+        if t == T - config.t_final:
+            final_masks = [l.mask.clone() for _, l in alloc.layers]
+    assert [h["step"] for h in alloc.history] == [6, 9, 12, 15, 16]
+    assert all(sum(h["ranks"].values()) == h["budget"] for h in alloc.history)
+    assert alloc.history[-1]["budget"] == 8
+    assert all(torch.equal(l.mask, m) for (_, l), m in zip(alloc.layers, final_masks))   # frozen after T - t_final
+
+
+def test_rank_moves_to_the_layer_whose_gradients_dominate():
+    model, config = adapted("alloc", t_init=1, t_final=1, delta_t=1)
+    alloc = RankAllocator(model, config, total_steps=6)          # b0 = 16 -> b_T = 8 over steps 2..5
+    names = [n for n, _ in alloc.layers]
+    dominant = names[-1]                                          # the LAST layer, so tie order cannot explain it
+    for t in range(1, 6):
+        set_params_and_grads(alloc, {n: (1.0, 10.0 if n == dominant else 0.1) for n in names})
+        alloc.step(t)
+    ranks = alloc.rank_pattern()
+    assert sum(ranks.values()) == 8
+    assert ranks[dominant] == 4                                   # full rank, above the uniform share of 2
+    # the three others (equal scores) share the remaining 4 in layer order: deterministic tie-breaking
+    assert [ranks[n] for n in names[:-1]] == [4, 0, 0]
+
+
+def test_pruned_component_contributes_exactly_nothing_and_can_return():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), r=3, alpha=3.0, masked=True)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.mask[1] = 0.0
+    x = torch.randn(4, 6)
+    out = layer(x)
+    with torch.no_grad():                     # change everything component 1 owns
+        layer.lora_A[1].normal_()
+        layer.lora_B[:, 1].normal_()
+    assert torch.equal(layer(x), out)
+    layer(x).sum().backward()
+    assert torch.equal(layer.lora_A.grad[1], torch.zeros(6)) and torch.equal(layer.lora_B.grad[:, 1], torch.zeros(5))
+    with torch.no_grad():
+        layer.mask[1] = 1.0                   # the weights were kept: switching it back on restores its effect
+    assert not torch.allclose(layer(x), out)
+
+
+def test_allocator_brings_a_pruned_component_back():
+    model, config = adapted("alloc", r=2, target_r=1, targets=("q_proj",), t_init=1, t_final=1, delta_t=1)
+    alloc = RankAllocator(model, config, total_steps=30)         # b0 = 4 -> b_T = 2 over steps 2..29
+    first, second = alloc.layers
+    # gradients per component: first layer [5, 1], second layer [4, 3] (A rows and B columns alike)
+    for t in (1, 2):
+        _set_component_grads(alloc, {first[0]: [5.0, 1.0], second[0]: [4.0, 3.0]})
+        alloc.step(t)
+    assert first[1].mask.tolist() == [1.0, 0.0]                  # the weakest component was switched off
+    frozen_score = alloc.component_scores()[first[0]][1].item()
+    # Now the second layer stops mattering (zero gradients): its scores decay, the pruned one's stay frozen.
+    returned_at = None
+    for t in range(3, 30):
+        _set_component_grads(alloc, {first[0]: [5.0, 0.0], second[0]: [0.0, 0.0]})
+        alloc.step(t)
+        if first[1].mask[1] == 1.0 and returned_at is None:
+            returned_at = t
+            assert alloc.component_scores()[first[0]][1].item() == frozen_score
+    assert returned_at is not None, "the pruned component never came back"
+    assert sum(alloc.rank_pattern().values()) == 2 and first[1].mask.tolist() == [1.0, 1.0]
+
+
+def _set_component_grads(alloc, per_layer: dict):
+    """theta = 1 everywhere; the gradient of component i (row i of A, column i of B) is per_layer[name][i]."""
+    with torch.no_grad():
+        for name, layer in alloc.layers:
+            g = torch.tensor(per_layer[name])                        # (r,)
+            layer.lora_A.fill_(1.0)
+            layer.lora_B.fill_(1.0)
+            layer.lora_A.grad = g[:, None].expand_as(layer.lora_A).clone()   # (r,) -> (r, d_in)
+            layer.lora_B.grad = g[None, :].expand_as(layer.lora_B).clone()   # (r,) -> (d_out, r)
+
+
+def test_ties_are_broken_by_layer_order():
+    model, config = adapted("alloc", t_init=1, t_final=1, delta_t=1)
+    alloc = RankAllocator(model, config, total_steps=4)          # b(2) = 8 + floor(8 * 1 / 8) = 9
+    for t in (1, 2):
+        set_params_and_grads(alloc, {n: (1.0, 1.0) for n, _ in alloc.layers})
+        alloc.step(t)
+    assert list(alloc.rank_pattern().values()) == [4, 4, 1, 0]
+
+
+def test_allocator_call_order_is_enforced():
+    model, config = adapted("alloc", t_init=2, t_final=2)
+    alloc = RankAllocator(model, config, total_steps=20)
+    idx, y = batch()
+    model(idx, y)[1].backward()
+    alloc.step(1)
+    with pytest.raises(RuntimeError, match="once per optimizer step"):
+        alloc.step(1)
+    with pytest.raises(ValueError, match="from 1"):
+        RankAllocator(model, config, total_steps=20).step(0)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="before zero_grad"):
+        alloc.step(2)
+    model(idx, y)[1].backward()
+    model.zero_grad(set_to_none=False)
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        alloc.step(2)
+    model(idx, y)[1].backward()
+    merge_adapters(model)
+    with pytest.raises(RuntimeError, match="merged"):
+        alloc.step(2)
+
+
+def test_masks_and_allocator_state_survive_save_load(tmp_path):
+    model, config = adapted("dynlora", t_init=1, t_final=2, delta_t=1)
+    alloc = RankAllocator(model, config, total_steps=10)
+    train_steps(model, 4, alloc)                                  # through three reallocations
+    masks = {n: l.mask.clone() for n, l in alloc.layers}
+    assert sum(m.sum().item() for m in masks.values()) < 16       # some components are off
+    path = save_adapter(tmp_path / "a.pt", model, config, extra={"allocator": alloc.state_dict()})
+    fresh = classifier()
+    _, _, extra = load_adapter(path, fresh)
+    alloc2 = RankAllocator(fresh, config, total_steps=10)
+    alloc2.load_state_dict(extra["allocator"])
+    for (n, l) in alloc2.layers:
+        assert torch.equal(l.mask, masks[n])
+        assert torch.equal(alloc2.ipt[n]["A"], alloc.ipt[n]["A"]) and torch.equal(alloc2.unc[n]["B"], alloc.unc[n]["B"])
+    assert alloc2.last_step == 4 and alloc2.history == alloc.history
+    # Both continue identically.
+    train_steps(model, 2, alloc, start=5)
+    train_steps(fresh, 2, alloc2, start=5)
+    assert alloc2.rank_pattern() == alloc.rank_pattern()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AdaLoRA's orthogonality penalty, parameter counts, the method table
+# ---------------------------------------------------------------------------------------------------------
+
+def test_orthogonality_penalty():
+    layer = LoRALinear(nn.Linear(6, 5), r=3, alpha=3.0, form="svd")
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.eye(3, 6))       # orthonormal rows
+        layer.lora_B.copy_(torch.eye(5, 3))       # orthonormal columns
+    assert layer.orthogonality_penalty().item() == 0.0
+    with torch.no_grad():
+        layer.lora_A.mul_(2.0)                    # A A^T = 4 I: ||3 I||_F^2 / r = 9 r / r = 9
+    assert layer.orthogonality_penalty().item() == pytest.approx(9.0)
+    model, config = adapted("adalora", ortho_gamma=0.5)
+    layers = adapter_layers(model)
+    model(batch()[0])
+    expected = 0.5 * torch.stack([l.orthogonality_penalty() for _, l in layers]).mean()
+    assert torch.allclose(regularization_loss(model), expected)
+
+
+def test_active_parameter_count():
+    model, _ = adapted("dynlora")
+    layers = adapter_layers(model)
+    for (_, layer), k in zip(layers, [4, 2, 0, 3]):
+        layer.mask.copy_(torch.arange(4) < k)
+    # k (32 + 32) for A rows and B columns, + k^2 + k for the gate's rows/columns and biases
+    assert dynlora.active_parameter_count(model) == sum(k * 64 + k * k + k for k in [4, 2, 0, 3])
+
+
+def test_method_table_and_presets():
+    assert list(dynlora.METHODS) == ["lora", "alloc", "gate", "dynlora", "adalora"]
+    for name in dynlora.METHODS:
+        assert config_for_method(name).method == name
+    cfg = config_for_method("dynlora", r=16, target_r=8)
+    assert (cfg.allocation, cfg.gating, cfg.form, cfg.r) == (True, True, "plain", 16)
+    assert config_for_method("adalora").form == "svd"
+    with pytest.raises(ValueError, match="choose one of"):
+        config_for_method("dora")
+    with pytest.raises(ValueError, match="another method"):
+        config_for_method("lora", allocation=True)
+    with pytest.raises(ValueError, match="unknown adapter option"):
+        config_for_method("lora", rank=4)
+    assert set(dynlora.FLAG_NAMES) <= {f for f in AdapterConfig.__dataclass_fields__}
+    from dataclasses import asdict
+    assert AdapterConfig.from_dict({**asdict(cfg), "targets": ["q_proj", "v_proj"]}) == cfg
+    with pytest.raises(ValueError, match="unknown keys"):
+        AdapterConfig.from_dict({"rank": 4})

@@ -1,0 +1,245 @@
+"""End-to-end tests of train.py on the tiny fixtures: pretrain -> finetune -> eval, the report, bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "glue"
+NANO = ["--preset", "nano", "--batch-size", "4", "--block-size", "32", "--vocab-size", "300", "--max-steps", "15",
+        "--warmup-steps", "2", "--eval-every", "5"]
+
+
+def cli(*argv):
+    """Run train.py's command line in this process; returns (exit code, stderr-like message)."""
+    try:
+        train.main([str(a) for a in argv])
+    except SystemExit as stop:
+        return (0 if stop.code in (None, 0) else 1), str(stop.code)
+    return 0, ""
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    out = tmp_path_factory.mktemp("backbone")
+    code, message = cli("pretrain", "--out-dir", out, "--data-dir", FIXTURES, *NANO)
+    assert code == 0, message
+    return out
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No test may reach the network: downloads go to a closed local port."""
+    monkeypatch.setenv("GLUE_BASE_URL", "http://127.0.0.1:9")
+
+
+def finetune_args(backbone, tmp_path, task="RTE", method="full", *extra):
+    return ["finetune", "--task", task, "--method", method, "--backbone", backbone, "--data-dir", FIXTURES,
+            "--epochs", "2", "--batch-size", "4", "--max-len", "32", "--out-dir", tmp_path / "run",
+            "--results-dir", tmp_path / "results", *extra]
+
+
+def test_pretrain_writes_a_reusable_backbone(backbone):
+    for name in ("backbone.pt", "tokenizer.json", "config.json", "metrics.jsonl", "curves.png"):
+        assert (backbone / name).is_file(), name
+    log = [json.loads(line) for line in (backbone / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 15 and log[0]["step"] == 1
+    assert log[-1]["train_loss"] < log[0]["train_loss"]               # it learned something
+    config, state, tok, _ = train.load_backbone(backbone)
+    assert config.vocab_size == tok.get_vocab_size() and config.n_embd == 32
+
+
+@pytest.mark.parametrize("task", ["RTE", "STS-B", "MNLI"])
+def test_finetune_then_eval_reproduces_the_saved_metrics(backbone, tmp_path, task):
+    code, message = cli(*finetune_args(backbone, tmp_path, task))
+    assert code == 0, message
+    run = tmp_path / "run"
+    final = json.loads((run / "final.json").read_text())
+    for name in ("config.json", "metrics.jsonl", "model.pt", "tokenizer.json", "curves.png"):
+        assert (run / name).is_file(), name
+    # The saved (best) model, reloaded, scores exactly what the run reported for its best epoch.
+    again = train.evaluate_run(run, FIXTURES)
+    assert again["score"] == pytest.approx(final["score"], abs=1e-12)
+    assert set(again) == {"score", *train.data.get_task(task).dev_files}
+    # The result was appended to the results file given, with what the report needs.
+    record = json.loads((tmp_path / "results" / "finetune.jsonl").read_text().splitlines()[-1])
+    for key in ("task", "method", "seed", "trainable_params", "wall_s", "machine", "commit", "score"):
+        assert key in record
+    assert record["task"] == task and record["trainable_params"] == record["total_params"]
+
+
+def test_finetune_is_repeatable_with_a_seed(backbone, tmp_path):
+    scores = []
+    for i in range(2):
+        code, message = cli(*finetune_args(backbone, tmp_path / str(i), "SST-2"))
+        assert code == 0, message
+        scores.append(json.loads((tmp_path / str(i) / "run" / "final.json").read_text())["dev"])
+    assert scores[0] == scores[1]
+
+
+def test_report_renders_means_and_spreads_into_the_readme(tmp_path):
+    rows = [dict(task="RTE", method="lora", seed=s, suite="x", score=v, trainable_params=10, wall_s=60,
+                 machine="m", commit="c") for s, v in enumerate([0.5, 0.6, 0.7])]
+    rows.append(dict(task="RTE", method="full", seed=0, suite="x", score=0.55, trainable_params=99, wall_s=120,
+                     machine="m", commit="c"))
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "finetune.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{train.README_START}\nold table\n{train.README_END}\nend\n")
+    train.write_report(readme, results)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro") and text.endswith("end\n")
+    # mean of 50, 60, 70 is 60.0; sample std is 10.0
+    assert "| lora | 60.0 ± 10.0 (n=3) | 60.0 | 10 | 1.0 |" in text
+    assert "| full | 55.0 (n=1) | 55.0 | 99 | 2.0 |" in text
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        train.write_report(readme, results)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: one clear line naming the argument or file and the fix, exit code 1, no traceback.
+
+def test_unknown_task(backbone, tmp_path):
+    code, message = cli(*finetune_args(backbone, tmp_path, "SST3"))
+    assert code == 1 and "SST3" in message and "SST-2" in message
+
+
+def test_missing_data_offline_says_where_to_put_the_files(backbone, tmp_path):
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    args = finetune_args(backbone, tmp_path, "CoLA")
+    args[args.index("--data-dir") + 1] = empty
+    code, message = cli(*args)
+    assert code == 1 and str(empty / "CoLA") in message and "--data-dir" in message
+
+
+def test_missing_backbone(tmp_path):
+    code, message = cli(*finetune_args(tmp_path / "nope", tmp_path))
+    assert code == 1 and "backbone.pt" in message and "train.py pretrain" in message
+
+
+def test_max_len_longer_than_block_size(backbone, tmp_path):
+    args = finetune_args(backbone, tmp_path)
+    args[args.index("--max-len") + 1] = "64"
+    code, message = cli(*args)
+    assert code == 1 and "--max-len 64" in message and "block_size 32" in message
+
+
+def test_backbone_with_another_tokenizer(backbone, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(backbone, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["zzzz"] = 299                       # a different tokenizer file
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    code, message = cli(*finetune_args(other, tmp_path))
+    assert code == 1 and "tokenizer" in message and str(other / "tokenizer.json") in message
+
+
+def test_backbone_checkpoint_from_another_config(backbone, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(backbone, other)
+    ckpt = torch.load(other / "backbone.pt", weights_only=True)
+    ckpt["config"]["n_embd"] = 64                              # the weights are 32 wide
+    ckpt["config"]["n_head"] = 2
+    torch.save(ckpt, other / "backbone.pt")
+    code, message = cli(*finetune_args(other, tmp_path))
+    assert code == 1 and "does not fit its config" in message
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--epochs", "0", "--epochs must be > 0"),
+    ("--method", "qlora", "--method 'qlora' is not known"),
+    ("--warmup-ratio", "1.5", "--warmup-ratio"),
+])
+def test_nonsense_finetune_hyperparameters(backbone, tmp_path, flag, value, expected):
+    args = finetune_args(backbone, tmp_path)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    code, message = cli(*args)
+    assert code == 1 and expected in message
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--n-head", "5"], "must divide n_embd"),
+    (["--max-steps", "0"], "--max-steps must be > 0"),
+    (["--block-size", "4096", "--batch-size", "64"], "fewer than one batch"),
+    (["--tasks", "SST-2", "--corpus", "/no/such/file.txt"], "/no/such/file.txt"),
+])
+def test_nonsense_pretrain_settings(tmp_path, extra, expected):
+    args = ["pretrain", "--out-dir", tmp_path / "bb", "--data-dir", FIXTURES, *NANO]
+    for i in range(0, len(extra), 2):
+        if extra[i] in args:
+            args[args.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            args += extra[i:i + 2]
+    code, message = cli(*args)
+    assert code == 1 and expected in message, message
+
+
+def test_bad_row_in_a_tsv_names_file_and_line(backbone, tmp_path):
+    data_dir = tmp_path / "glue"
+    shutil.copytree(FIXTURES / "RTE", data_dir / "RTE")
+    lines = (data_dir / "RTE" / "train.tsv").read_text().splitlines()
+    lines[3] = lines[3].replace("\t", " ", 1)                 # line 4 loses a column
+    (data_dir / "RTE" / "train.tsv").write_text("\n".join(lines) + "\n")
+    args = finetune_args(backbone, tmp_path)
+    args[args.index("--data-dir") + 1] = data_dir
+    code, message = cli(*args)
+    assert code == 1 and f"{data_dir / 'RTE' / 'train.tsv'}:4" in message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adapter methods through the command line
+
+SCHEDULE = ["--t-init", "1", "--t-final", "1", "--delta-t", "1", "--lora-r", "4", "--target-r", "2"]
+
+
+@pytest.mark.parametrize("method", list(train.dynlora.METHODS))
+def test_every_adapter_method_trains_saves_and_reloads(backbone, tmp_path, method):
+    extra = SCHEDULE if method in ("alloc", "dynlora", "adalora") else ["--lora-r", "4"]
+    code, message = cli(*finetune_args(backbone, tmp_path, "MRPC", method, *extra))
+    assert code == 0, message
+    run = tmp_path / "run"
+    final = json.loads((run / "final.json").read_text())
+    assert (run / "adapter.pt").is_file() and not (run / "model.pt").exists()
+    assert (run / "adapter.pt").stat().st_size < (backbone / "backbone.pt").stat().st_size / 2
+    # Reloading the adapter onto the backbone reproduces the reported score exactly.
+    assert train.evaluate_run(run, FIXTURES)["score"] == pytest.approx(final["score"], abs=1e-12)
+    assert 0 < final["trainable_params"] < final["total_params"]
+    assert "merged_score" in final
+    if method in ("lora", "alloc"):                 # no gates: the merged model is the same function
+        assert final["merged_score"] == pytest.approx(final["score"], abs=1e-9)
+    if method in ("gate", "dynlora"):
+        assert (run / "gates.json").is_file() and (run / "effective_rank.png").is_file()
+        assert 0 <= final["mean_effective_rank"] <= 4
+    if method in ("alloc", "dynlora", "adalora"):
+        assert (run / "rank_heatmap.png").is_file() and (run / "budget.png").is_file()
+        ranks = [r["ranks"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "ranks" in r]
+        assert ranks and sum(ranks[-1].values()) == 2 * len(ranks[-1])   # final budget: target_r per layer
+
+
+def test_lora_flags_reach_the_adapter_config(backbone, tmp_path):
+    code, message = cli(*finetune_args(backbone, tmp_path, "RTE", "lora", "--lora-r", "2", "--lora-alpha", "4",
+                                       "--lora-targets", "q_proj,k_proj,fc_in", "--use-rslora"))
+    assert code == 0, message
+    adapter = json.loads((tmp_path / "run" / "config.json").read_text())["adapter"]
+    assert adapter["r"] == 2 and adapter["alpha"] == 4.0 and adapter["use_rslora"] is True
+    assert adapter["targets"] == ["q_proj", "k_proj", "fc_in"]
+
+
+def test_adapter_flags_with_full_fine_tuning_are_rejected(backbone, tmp_path):
+    code, message = cli(*finetune_args(backbone, tmp_path, "RTE", "full", "--lora-r", "4"))
+    assert code == 1 and "need an adapter --method" in message
+
+
+def test_allocation_schedule_longer_than_training_is_rejected(backbone, tmp_path):
+    code, message = cli(*finetune_args(backbone, tmp_path, "RTE", "alloc", "--t-init", "50", "--t-final", "50"))
+    assert code == 1 and "t_init" in message
