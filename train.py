@@ -751,11 +751,10 @@ def main_job(data_dir: str | None = None):
         pretrain(PretrainConfig(out_dir=str(backbone), data_dir=data_dir))
     else:
         print(f"main: using the cached backbone in {backbone} (delete it to pretrain again)")
-    result = finetune(FinetuneConfig(task="SST-2", method="full", backbone=str(backbone), data_dir=data_dir,
-                                     suite="main"))
+    result = finetune(FinetuneConfig(task="SST-2", method="full", backbone=str(backbone), data_dir=data_dir))
     print(f"\nmain: SST-2 dev accuracy {100 * result['dev']['dev']['accuracy']:.2f}% "
-          f"(full fine-tuning, epoch {result['best_epoch']}); total wall time {(time.time() - t0) / 60:.1f} min")
-    print(render_report([r for r in load_results() if r.get("suite") == "main"]))
+          f"(full fine-tuning, epoch {result['best_epoch']}); total wall time {(time.time() - t0) / 60:.1f} min\n")
+    print(render_report([result]))
 
 
 def build_parser() -> argparse.ArgumentParser:
