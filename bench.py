@@ -58,10 +58,10 @@ def make_step(model: torch.nn.Module, idx: torch.Tensor, y: torch.Tensor, method
             loss = loss + dynlora.regularization_loss(model)
         loss.backward()
         opt.step()
+        state["t"] += 1
         if allocator is not None:
             allocator.step(state["t"])
         opt.zero_grad(set_to_none=True)
-        state["t"] += 1
     return step
 
 

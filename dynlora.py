@@ -809,6 +809,13 @@ def freeze_gates(model: nn.Module, batches, pad_id: int | None = None) -> GateSt
     return stats
 
 
+def gate_flops_per_token(r: int) -> int:
+    """FLOPs of one layer's gate for one token: W_g z (2 r^2), + c (r), the sigmoid (counted as 4 r: negate,
+    exp, add 1, divide) and z * g (r). For r = 8: 176, against 12,288 for the LoRA path and 294,912 for W0
+    of a 384 x 384 layer (0.06% of W0)."""
+    return 2 * r * r + 6 * r
+
+
 def regularization_loss(model: nn.Module) -> torch.Tensor:
     """The method's penalties, to add to the task loss: gate sparsity (chapter 2) + orthogonality (chapter 3).
 

@@ -659,3 +659,8 @@ def test_method_table_and_presets():
     assert AdapterConfig.from_dict({**asdict(cfg), "targets": ["q_proj", "v_proj"]}) == cfg
     with pytest.raises(ValueError, match="unknown keys"):
         AdapterConfig.from_dict({"rank": 4})
+
+
+def test_gate_flops_per_token_by_hand():
+    # r = 8: W_g z = 2 * 8 * 8 = 128, bias 8, sigmoid 4 * 8 = 32, z * g 8 -> 176
+    assert dynlora.gate_flops_per_token(8) == 176

@@ -243,3 +243,16 @@ def test_adapter_flags_with_full_fine_tuning_are_rejected(backbone, tmp_path):
 def test_allocation_schedule_longer_than_training_is_rejected(backbone, tmp_path):
     code, message = cli(*finetune_args(backbone, tmp_path, "RTE", "alloc", "--t-init", "50", "--t-final", "50"))
     assert code == 1 and "t_init" in message
+
+
+def test_bench_quick_runs_every_figure(tmp_path):
+    import bench
+    result = bench.run(quick=True, out_path=tmp_path / "bench.json")
+    names = [row["name"] for row in result["rows"]]
+    for method in train.dynlora.METHODS:
+        assert any(name.startswith(f"step time {method} / full") for name in names)
+    assert any("peak training memory lora / full" in n for n in names)
+    assert any("inference merged lora / base" in n for n in names)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["rows"] == result["rows"] and saved["quick"] is True
+    assert "Benchmark" in train.render_bench(saved)
