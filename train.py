@@ -7,33 +7,41 @@ train.py -- the command line: pretrain a GPT, fine-tune it on GLUE, evaluate, re
     python train.py eval --run runs/<run>                   # score a saved fine-tuned model on the dev split(s)
     python train.py report                                  # render the README's result tables from results/
     python train.py bench                                   # speed and memory figures, side by side
+    python train.py import-gpt2 --gpt2-dir D --out-dir O    # turn Hugging Face GPT-2 files into a backbone folder
+
+    torchrun --nproc_per_node=N train.py finetune ...       # the same command on N processes (DDP)
+    python train.py finetune ... --resume                   # continue a killed run from its checkpoint.pt
 
 Every option of a subcommand is a field of its config dataclass below (PretrainConfig, FinetuneConfig,
-dynlora.AdapterConfig); the argparse flags are generated from them, with each field's help text.
+dynlora.AdapterConfig, and SystemConfig for how to run); the argparse flags are generated from them, with
+each field's help text.
 
 What this file holds, in order:
   1. Configs and the flag generator
   2. Small utilities: seeding, atomic saves, machine and git description
-  3. Pretraining
-  4. Fine-tuning and evaluation
-  5. Results: the results/ files and the README report
-  6. The main job
+  3. The training step (devices, mixed precision, DDP, gradient accumulation) and checkpoints (resume)
+  4. Pretraining
+  5. Fine-tuning and evaluation
+  6. Results: the results/ files and the README report
+  7. The main job and the command line
 """
 
 import argparse
-import copy
+import contextlib
+import dataclasses
 import inspect
 import itertools
-import dataclasses
 import json
 import math
 import os
 import platform
+import random
 import re
 import shutil
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
@@ -46,6 +54,7 @@ from tqdm import tqdm
 import data
 import dynlora
 import model as gptmodel
+import runtime
 from model import GPT, GPTClassifier, GPTConfig
 
 REPO = Path(__file__).resolve().parent
@@ -58,6 +67,11 @@ RESULTS_DIR = REPO / "results"
 # A config is a plain dataclass with a comment on each field; add_config_args turns the fields into --flags
 # and the comments into their --help. No exec, no globals: a run's whole configuration is one object,
 # saved with the run as JSON.
+#
+# PretrainConfig and FinetuneConfig say WHAT to train: a resumed run must repeat them exactly. SystemConfig
+# says HOW to run it -- device, precision, processes, checkpoints -- and may change between the attempts of
+# one run (resume a CPU run on a GPU, or on more processes). Fields of the first kind that only say where
+# things are or where results go may change too (RESUME_MAY_CHANGE).
 # ---------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -66,6 +80,7 @@ class PretrainConfig:
     data_dir: str | None = None                         # GLUE folder (default: $GLUE_DIR, else ./data/glue)
     tasks: str = "CoLA,SST-2,MRPC,STS-B,RTE"            # GLUE tasks whose unlabeled TRAIN text is the corpus
     corpus: list = field(default_factory=list)          # extra plain-text files, one document per line
+    init: str = ""                                      # backbone folder to start from (its weights, shape, tokenizer); '' = a new model
     preset: str = "cpu"                                 # model size: nano | cpu | gpt2 (see model.PRESETS)
     n_layer: int = 0                                    # transformer blocks (0 = the preset's)
     n_head: int = 0                                     # attention heads; must divide the width (0 = the preset's)
@@ -106,6 +121,22 @@ class FinetuneConfig:
     threads: int = 0                                    # CPU threads (0 = PyTorch's default)
     suite: str = ""                                     # label stored with the result, to group runs in the report
     results_dir: str = "results"                        # folder whose finetune.jsonl gets this run's final metrics appended
+
+
+@dataclass
+class SystemConfig:
+    device: str = "auto"                                # auto | cpu | cuda | mps (auto: cuda if present, else mps, else cpu)
+    precision: str = "auto"                             # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp16 without bf16, fp32 on CPU)
+    compile: bool = False                               # torch.compile the training step (slow start, faster steps on a GPU)
+    grad_accum: int = 1                                 # micro-steps per optimizer step; --batch-size stays the global batch
+    save_every: int = 0                                 # also checkpoint every N optimizer steps (0 = only at epoch ends / evaluations)
+    resume: bool = False                                # continue the run in the run folder from its checkpoint.pt
+    dist_timeout: float = 300                           # seconds to wait for the other processes (start-up and each exchange)
+
+
+# FinetuneConfig / PretrainConfig fields that may differ when a run is resumed: where things are, where the
+# result goes, how many threads. Every other field shapes the training and must match the checkpoint's.
+RESUME_MAY_CHANGE = {"data_dir", "out_dir", "threads", "suite", "results_dir"}
 
 
 def field_comments(cls) -> dict:
@@ -156,6 +187,7 @@ def config_from_args(cls, args: argparse.Namespace):
 def seed_everything(seed: int):
     torch.manual_seed(seed)
     np.random.seed(seed)
+    random.seed(seed)
 
 
 def set_threads(n: int):
@@ -163,12 +195,26 @@ def set_threads(n: int):
         torch.set_num_threads(n)
 
 
+class SaveError(OSError):
+    """A file could not be written (e.g. the disk is full); the previous version of the file is intact."""
+
+
 def atomic_torch_save(obj, path: Path):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file.
+
+    os.replace is atomic on POSIX and Windows: readers see the old file or the new one, never a mix. When
+    the write fails (a full disk), the temporary file is removed and the old file is left as it was.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise SaveError(f"could not write {path} ({err.strerror or err}); {kept}; free some disk space and run "
+                        f"again (with --resume to continue from the last checkpoint)") from None
 
 
 def atomic_write_text(path: Path, text: str):
@@ -230,7 +276,160 @@ class Throughput:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. Pretraining
+# 3. The training step and checkpoints
+#
+# One optimizer step, whatever the machine (train_step): the global batch (--batch-size rows) is split over
+# the processes and the gradient-accumulation micro-steps (runtime.split_batch); each part runs forward
+# under autocast and backward; DDP all-reduces the gradients during the last micro-step only; then the
+# gradients are unscaled (fp16), clipped, and the optimizer steps. With one process, one micro-step and fp32
+# this is exactly the plain loop: forward, backward, clip, step.
+#
+# Checkpoints. A run folder's checkpoint.pt holds everything the rest of the run depends on: the weights
+# that train, the optimizer's moments, the gradient scaler, the allocator's EMAs (its masks are model
+# buffers, saved with the weights), the step and the position in the data, the best score so far, the
+# metrics log, and every process's random-number generators. The data needs no more than a position:
+# the batchers are deterministic functions of (seed, epoch), so the position is the number of batches
+# consumed in the current epoch. The learning rate is a pure function of the step. --resume rebuilds the
+# run from its settings, checks them against the checkpoint's, loads it and continues: the resumed run
+# takes exactly the steps the uninterrupted run would have taken (tests/test_scale.py kills a run with
+# SIGKILL and checks that the resumed one ends bit for bit where the uninterrupted one does).
+#
+# Only rank 0 writes; checkpoints are written atomically (atomic_torch_save), so a crash during a save
+# leaves the previous checkpoint in place.
+# ---------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "dynlora-checkpoint/1"
+
+
+def check_system(system: SystemConfig, batch_size: int, rt: runtime.Runtime):
+    """Fail fast, naming the flag, on settings of how to run that cannot work."""
+    if system.grad_accum < 1 or system.save_every < 0:
+        raise ValueError(f"--grad-accum must be >= 1 (got {system.grad_accum}) and --save-every >= 0 "
+                         f"(got {system.save_every})")
+    parts = rt.world_size * system.grad_accum
+    if batch_size < parts:
+        raise ValueError(f"--batch-size {batch_size} is the global batch, shared by {rt.world_size} process(es) x "
+                         f"--grad-accum {system.grad_accum}; it must be at least {parts}")
+
+
+def train_step(model: nn.Module, batch, rt: runtime.Runtime, grad_accum: int, optimizer, scaler, params: list,
+               grad_clip: float, extra_loss=None) -> tuple[float, bool]:
+    """One optimizer step on one global batch (idx (B, T), targets): forward and backward of this process's
+    parts, clipping, the optimizer step. The caller sets the learning rate before and zeroes the gradients
+    after (the rank allocator reads them in between).
+
+    model is the module to call (wrapped by DDP and/or torch.compile); extra_loss, when given, returns a
+    penalty added to each part's loss right after its forward pass (the adapters' regularisation).
+    Returns (the global batch's mean loss over all processes, whether the optimizer stepped: False when
+    fp16 gradients overflowed and the scaler skipped the step).
+    """
+    idx, targets = batch
+    parts = runtime.split_batch(len(idx), rt.rank, rt.world_size, grad_accum)
+    loss_sum = torch.zeros((), device=rt.device)
+    for m, (rows, weight) in enumerate(parts):
+        # Only the last backward pass all-reduces; the earlier ones accumulate into .grad locally.
+        with contextlib.nullcontext() if m == len(parts) - 1 else runtime.no_sync(model):
+            with rt.autocast():
+                _, loss = model(idx[rows].to(rt.device), targets[rows].to(rt.device))   # (n_i, T) -> scalar
+                objective = loss + extra_loss() if extra_loss is not None else loss
+            scaler.scale(objective * weight).backward()
+        loss_sum += loss.detach().float() * (weight / rt.world_size)   # this part's share of the global mean
+    scaler.unscale_(optimizer)                 # in place: clipping and the allocator see the true gradients
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)                     # optimizer.step(), unless fp16 gradients are inf/nan
+    scaler.update()
+    stepped = scaler.get_scale() >= scale      # the scaler lowers its scale exactly when it skipped the step
+    return rt.sum([loss_sum.item()])[0], stepped
+
+
+def rng_state() -> dict:
+    """This process's random-number generators, in a form torch.load(weights_only=True) accepts."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                      "gauss": gauss},
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+
+
+def save_checkpoint(out: Path, rt: runtime.Runtime, payload: dict):
+    """Write <out>/checkpoint.pt. Every rank must call it (their RNG states are gathered); rank 0 writes."""
+    rngs = rt.gather(rng_state())
+    if rt.is_main:
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, **payload, "rng": rngs}, out / CHECKPOINT_FILE)
+
+
+def read_checkpoint(out: Path, kind: str) -> dict:
+    """The checkpoint of the run in `out` (for --resume), checked to be a readable `kind` checkpoint."""
+    path = out / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no {CHECKPOINT_FILE} in {out}, so there is nothing to resume; start "
+                                f"the run without --resume, or give the run's --out-dir")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:                # torch.load raises RuntimeError, EOFError, UnpicklingError, ...
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path} is damaged and cannot be read ({detail}); checkpoints are only ever replaced "
+                         f"whole, so the file was cut or changed afterwards (a copy?): restore it, or start the "
+                         f"run again without --resume") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a dynlora training checkpoint (format {CHECKPOINT_FORMAT!r})")
+    if ckpt["kind"] != kind:
+        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint; resume it with `train.py {ckpt['kind']} --resume`")
+    return ckpt
+
+
+def flag_name(section: str, key: str) -> str:
+    """How the user sets a field of a saved run config: its --flag, or its place in the backbone."""
+    if section == "adapter":
+        return "--" + dynlora.FLAG_NAMES.get(key, key).replace("_", "-")
+    if section == "model":
+        return f"the backbone's {key}"
+    return "--" + key.replace("_", "-")
+
+
+def check_resume(ckpt: dict, run_config: dict, source: str, out: Path):
+    """Raise ValueError naming the settings in which this invocation differs from the checkpoint's run."""
+    saved = ckpt["config"]
+    diffs = []
+    for section in ("pretrain", "finetune", "adapter", "model"):
+        before, now = saved.get(section) or {}, run_config.get(section) or {}
+        for key in sorted(set(before) | set(now)):
+            if key not in RESUME_MAY_CHANGE and before.get(key) != now.get(key):
+                diffs.append(f"{flag_name(section, key)} {before.get(key)!r} then, {now.get(key)!r} now")
+    if diffs:
+        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+        raise ValueError(f"--resume: the run in {out} was started with other settings ({'; '.join(diffs[:3])}{more}); "
+                         f"resume with the run's settings (see {out / 'config.json'}), or start a new run "
+                         f"without --resume")
+    if ckpt["source"] != source:
+        raise ValueError(f"--resume: the backbone or tokenizer files of the run in {out} changed since it started "
+                         f"(their hash differs); restore them, or start a new run without --resume")
+
+
+def restore_rng(ckpt: dict, rt: runtime.Runtime):
+    """Every process continues its own random streams, when the number of processes is unchanged."""
+    if len(ckpt["rng"]) == rt.world_size:
+        set_rng_state(ckpt["rng"][rt.rank])
+    else:
+        rt.print(f"note: the run had {len(ckpt['rng'])} process(es), now {rt.world_size}: random streams (dropout) "
+                 f"restart from the seed, so the result will differ slightly from an uninterrupted run")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Pretraining
 # ---------------------------------------------------------------------------------------------------------
 
 BACKBONE_FILE = "backbone.pt"
@@ -239,7 +438,11 @@ TOKENIZER_FILE = "tokenizer.json"
 
 def file_sha256(path: Path) -> str:
     import hashlib
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_corpus_files(paths: list) -> list:
@@ -252,8 +455,21 @@ def read_corpus_files(paths: list) -> list:
     return texts
 
 
-def pretrain(cfg: PretrainConfig) -> Path:
-    """Causal-LM pretraining on unlabeled text; saves <out_dir>/backbone.pt and tokenizer.json."""
+def lm_batches(batcher: data.LMBatcher, start: int):
+    """The batcher's batches in order, epoch after epoch, from the start-th on (start > 0 when resuming)."""
+    first_epoch, skip = divmod(start, len(batcher))
+    for epoch in itertools.count(first_epoch):
+        yield from itertools.islice(batcher.epoch(epoch), skip if epoch == first_epoch else 0, None)
+
+
+def pretrain(cfg: PretrainConfig, system: SystemConfig | None = None) -> Path:
+    """Causal-LM pretraining on unlabeled text; saves <out_dir>/backbone.pt and tokenizer.json.
+
+    The model starts from GPT-2's random initialisation with a tokenizer trained here, or, with cfg.init,
+    from a backbone folder's weights, shape and tokenizer (continued pretraining, e.g. of GPT-2 converted
+    by `train.py import-gpt2`). system says how to run: device, precision, processes, checkpoints.
+    """
+    system = system or SystemConfig()
     for name in ("max_steps", "batch_size", "block_size", "vocab_size", "eval_every"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
@@ -263,19 +479,38 @@ def pretrain(cfg: PretrainConfig) -> Path:
     shape = {k: v for k, v in [("n_layer", cfg.n_layer), ("n_head", cfg.n_head), ("n_embd", cfg.n_embd)] if v}
     gptmodel.preset(cfg.preset, block_size=cfg.block_size, dropout=cfg.dropout, **shape)   # fail fast on the shape
     set_threads(cfg.threads)
+    rt = runtime.start(system.device, system.precision, system.dist_timeout)
+    check_system(system, cfg.batch_size, rt)
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
+    ckpt = read_checkpoint(out, "pretrain") if system.resume else None
     data_dir = data.resolve_data_dir(cfg.data_dir)
     tasks = [data.get_task(name) for name in cfg.tasks.split(",") if name.strip()]
-    for task in tasks:
-        data.ensure_task(data_dir, task)
+    with rt.main_first():                                                # rank 0 downloads what is missing
+        for task in tasks:
+            data.ensure_task(data_dir, task)
     texts = data.pretrain_texts(data_dir, tasks) + read_corpus_files(cfg.corpus)
     if not texts:
         raise data.DataError("pretrain: the corpus is empty; give --tasks with train files or --corpus files")
 
-    # Tokenizer: trained on the same unlabeled training text (never on dev).
-    print(f"pretrain: {len(texts):,} texts; training a {cfg.vocab_size}-token BPE tokenizer")
-    tok = data.train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    # The tokenizer: the --init backbone's, or one trained on the same unlabeled training text (never on dev).
+    # Rank 0 writes it into the run folder first; every rank then reads that file.
+    tok_path = out / TOKENIZER_FILE
+    init_state = None
+    if cfg.init:
+        config, init_state, _, init_tok_path = load_backbone(cfg.init)
+        if cfg.block_size > config.block_size:
+            raise ValueError(f"--block-size {cfg.block_size} exceeds the block_size {config.block_size} of "
+                             f"--init {cfg.init}; use --block-size {config.block_size} or less")
+    if rt.is_main and ckpt is None:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.init:
+            shutil.copyfile(init_tok_path, tok_path)
+        else:
+            print(f"pretrain: {len(texts):,} texts; training a {cfg.vocab_size}-token BPE tokenizer")
+            data.save_tokenizer(data.train_tokenizer(texts, vocab_size=cfg.vocab_size), tok_path)
+    rt.barrier()
+    tok = data.load_tokenizer(tok_path)
     stream = data.lm_stream(tok, texts)                                  # (N,) int32, <eos> after each text
     n_hold = int(len(stream) * cfg.holdout)
     train_stream, val_stream = stream[: len(stream) - n_hold], stream[len(stream) - n_hold:]
@@ -284,69 +519,111 @@ def pretrain(cfg: PretrainConfig) -> Path:
                              f"(--batch-size {cfg.batch_size} x --block-size {cfg.block_size}); "
                              f"add text (--corpus, --tasks) or lower --block-size/--batch-size")
 
-    config = gptmodel.preset(cfg.preset, vocab_size=tok.get_vocab_size(), block_size=cfg.block_size,
-                             dropout=cfg.dropout, pad_id=tok.token_to_id(data.PAD), **shape)
+    if cfg.init:
+        config = dataclasses.replace(config, dropout=cfg.dropout)
+    else:
+        config = gptmodel.preset(cfg.preset, vocab_size=tok.get_vocab_size(), block_size=cfg.block_size,
+                                 dropout=cfg.dropout, pad_id=tok.token_to_id(data.PAD), **shape)
     model = GPT(config)
-    print(f"pretrain: {len(train_stream):,} train / {len(val_stream):,} held-out tokens; "
-          f"model {model.num_params():,} parameters ({cfg.preset})")
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model.to(rt.device)
+    rt.print(f"pretrain: {len(train_stream):,} train / {len(val_stream):,} held-out tokens; model "
+             f"{model.num_params():,} parameters ({cfg.init or cfg.preset}); {rt.world_size} process(es) on "
+             f"{rt.device.type}, {rt.precision}")
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scaler = rt.grad_scaler()
+    # Global batches: every process builds the same ones and computes its share of each (train_step).
     batcher = data.LMBatcher(train_stream, cfg.block_size, cfg.batch_size, seed=cfg.seed)
 
-    out.mkdir(parents=True, exist_ok=True)
+    # The run's state outside the tensors; a checkpoint carries it over to a resumed run.
+    run_config = {"model": config.to_dict(), "pretrain": asdict(cfg)}
+    source = file_sha256(tok_path)
+    state = {"step": 0, "log": [], "wall_s": 0.0, "tokens": 0, "run_id": uuid.uuid4().hex, "resumed": 0}
+    if ckpt is not None:
+        check_resume(ckpt, run_config, source, out)
+        saved = out / BACKBONE_FILE
+        if ckpt["state"]["step"] == cfg.max_steps and saved.is_file() and \
+                torch.load(saved, map_location="cpu", weights_only=True).get("run_id") == ckpt["state"]["run_id"]:
+            raise ValueError(f"--resume: the run in {out} has finished ({BACKBONE_FILE} is saved); nothing to resume")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        restore_rng(ckpt, rt)
+        state = {**ckpt["state"], "resumed": ckpt["state"]["resumed"] + 1}
+        rt.print(f"pretrain: resuming {out} at step {state['step']} of {cfg.max_steps}")
     metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
-    log = []
+    if rt.is_main:
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in state["log"]))
 
-    # The held-out windows are the same at every measurement (epoch 0 of a fixed-seed batcher).
+    # The held-out windows are the same at every measurement (epoch 0 of a fixed-seed batcher); each process
+    # scores every world_size-th batch and the sums are added up.
     val_batcher = data.LMBatcher(val_stream, cfg.block_size, min(cfg.batch_size, len(val_stream) // cfg.block_size - 1),
                                  seed=0) if len(val_stream) > 2 * cfg.block_size else None
 
     def validation_loss() -> float:
         model.eval()
-        losses = []
+        total, count = 0.0, 0
         with torch.no_grad():
-            for x, y in val_batcher.epoch(0):
-                losses.append(model(x, y)[1].item())
+            for x, y in itertools.islice(val_batcher.epoch(0), rt.rank, None, rt.world_size):
+                with rt.autocast():
+                    total += model(x.to(rt.device), y.to(rt.device))[1].item()
+                count += 1
         model.train()
-        return float(np.mean(losses))
+        total, count = rt.sum([total, count])
+        return total / count
 
-    t_start = time.time()
+    def checkpoint():
+        state["wall_s"] = time.time() - t_start
+        save_checkpoint(out, rt, {"kind": "pretrain", "config": run_config, "source": source,
+                                  "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "scaler": scaler.state_dict(), "state": state})
+
+    train_model = runtime.wrap(model, rt, system.compile)
+    params = list(model.parameters())
+    t_start = time.time() - state["wall_s"]
     speed = Throughput()
-    batches = (batch for epoch in itertools.count() for batch in batcher.epoch(epoch))
-    bar = tqdm(range(cfg.max_steps), desc="pretrain", dynamic_ncols=True, mininterval=1.0)
-    model.train()
+    batches = lm_batches(batcher, state["step"])
+    bar = tqdm(range(state["step"], cfg.max_steps), initial=state["step"], total=cfg.max_steps, desc="pretrain",
+               dynamic_ncols=True, mininterval=1.0, disable=not rt.is_main)
+    train_model.train()
     for step in bar:
         lr = cfg.lr * cosine_schedule(step, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = next(batches)                                             # (B, T), (B, T)
-        _, loss = model(x, y)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        x, y = next(batches)                                             # (B, T), (B, T): the global batch
+        loss, _ = train_step(train_model, (x, y), rt, system.grad_accum, optimizer, scaler, params, cfg.grad_clip)
         optimizer.zero_grad(set_to_none=True)
         tps = speed.add(x.numel())
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}")
-        record = {"step": step + 1, "train_loss": loss.item(), "lr": lr}
-        if val_batcher is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+        state["tokens"] += x.numel()
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}")
+        record = {"step": step + 1, "train_loss": loss, "lr": lr}
+        evaluation = (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps
+        if val_batcher is not None and evaluation:
             record["val_loss"] = validation_loss()
-            tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, held-out loss {record['val_loss']:.3f}")
-        log.append(record)
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            if rt.is_main:
+                tqdm.write(f"step {step + 1}: train loss {loss:.3f}, held-out loss {record['val_loss']:.3f}")
+        state["log"].append(record)
+        state["step"] = step + 1
+        if rt.is_main:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if evaluation or (system.save_every and (step + 1) % system.save_every == 0):
+            checkpoint()
 
     wall = time.time() - t_start
-    data.save_tokenizer(tok, out / TOKENIZER_FILE)
-    atomic_torch_save({"config": config.to_dict(), "model": model.state_dict(),
-                       "tokenizer_sha256": file_sha256(out / TOKENIZER_FILE),
-                       "pretrain": asdict(cfg), "wall_s": wall}, out / BACKBONE_FILE)
-    atomic_write_text(out / "config.json", json.dumps({"model": config.to_dict(), "pretrain": asdict(cfg)}, indent=2))
-    import plots
-    plots.pretrain_curves(log, out / "curves.png")
-    held_out = [r["val_loss"] for r in log if "val_loss" in r]
-    print(f"pretrain: done in {wall / 60:.1f} min; final train loss {log[-1]['train_loss']:.3f}"
-          + (f", held-out loss {held_out[-1]:.3f}" if held_out else "") + f"; saved {out / BACKBONE_FILE}")
+    log = state["log"]
+    if rt.is_main:
+        atomic_torch_save({"config": config.to_dict(), "model": model.state_dict(),
+                           "tokenizer_sha256": file_sha256(tok_path), "pretrain": asdict(cfg), "wall_s": wall,
+                           "run_id": state["run_id"]}, out / BACKBONE_FILE)
+        atomic_write_text(out / "config.json", json.dumps(run_config, indent=2))
+        import plots
+        plots.pretrain_curves(log, out / "curves.png")
+        held_out = [r["val_loss"] for r in log if "val_loss" in r]
+        print(f"pretrain: done in {wall / 60:.1f} min; final train loss {log[-1]['train_loss']:.3f}"
+              + (f", held-out loss {held_out[-1]:.3f}" if held_out else "") + f"; saved {out / BACKBONE_FILE}")
+    rt.barrier()
     return out
 
 
@@ -370,7 +647,7 @@ def load_backbone(folder: str):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. Fine-tuning and evaluation
+# 5. Fine-tuning and evaluation
 # ---------------------------------------------------------------------------------------------------------
 
 def build_classifier(config: GPTConfig, backbone_state: dict | None, num_outputs: int) -> GPTClassifier:
@@ -387,26 +664,35 @@ def build_classifier(config: GPTConfig, backbone_state: dict | None, num_outputs
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batcher) -> tuple[np.ndarray, np.ndarray, float]:
-    """(predictions, labels, mean loss) over one pass of an eval batcher."""
+def predict(model: nn.Module, batcher, rt: runtime.Runtime | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """(predictions, labels, mean loss) over one pass of an eval batcher.
+
+    With several processes, each one scores every world_size-th batch and the results are gathered, so
+    every process returns the predictions of the whole split (in another order, which no metric minds).
+    """
+    rt = rt or runtime.Runtime(next(model.parameters()).device, "fp32")
     was_training = model.training
     model.eval()
     preds, labels, losses = [], [], []
-    for idx, y in batcher.epoch(0):
-        logits, loss = model(idx, y)
+    for idx, y in itertools.islice(batcher.epoch(0), rt.rank, None, rt.world_size):
+        with rt.autocast():
+            logits, loss = model(idx.to(rt.device), y.to(rt.device))
+        logits = logits.float().cpu()
         preds.append(logits.numpy() if logits.dim() == 1 else logits.argmax(-1).numpy())
         labels.append(y.numpy())
         losses.append(loss.item() * len(y))
     model.train(was_training)
+    gathered = rt.gather((preds, labels, losses))
+    preds, labels, losses = ([a for part in gathered for a in part[i]] for i in range(3))
     preds, labels = np.concatenate(preds), np.concatenate(labels)
     return preds, labels, float(np.sum(losses) / len(labels))
 
 
-def evaluate(model: nn.Module, task: data.TaskSpec, dev_batchers: dict) -> dict:
+def evaluate(model: nn.Module, task: data.TaskSpec, dev_batchers: dict, rt: runtime.Runtime | None = None) -> dict:
     """Metrics on every dev split of the task, and the task's GLUE score (their mean for MNLI)."""
     out, scores = {}, []
     for split, batcher in dev_batchers.items():
-        preds, labels, loss = predict(model, batcher)
+        preds, labels, loss = predict(model, batcher, rt)
         metrics = data.compute_metrics(task, preds, labels)
         metrics["loss"] = loss
         out[split] = metrics
@@ -423,11 +709,19 @@ def run_name(cfg: FinetuneConfig) -> str:
     return f"{data.get_task(cfg.task).name}-{cfg.method}-s{cfg.seed}"
 
 
-def finetune(cfg: FinetuneConfig, adapter_overrides: dict | None = None) -> dict:
+def finetune(cfg: FinetuneConfig, adapter_overrides: dict | None = None, system: SystemConfig | None = None) -> dict:
     """Fine-tune on one GLUE task; returns the final result record (also appended to results/).
 
     adapter_overrides: AdapterConfig fields that replace the defaults of cfg.method (e.g. {"r": 4}).
+    system: how to run (device, precision, processes, checkpoints, --resume); SystemConfig() by default.
+
+    With several processes (torchrun), the dynamic parts stay identical on every process without extra
+    communication: the rank allocator scores importance from the gradients after DDP has all-reduced them,
+    which are the same everywhere, so every process computes the same masks; the gates are parameters,
+    trained like the others. The gate statistics of the dev set, which each process measures on its share
+    of the batches, are summed over the processes (sum_gate_statistics).
     """
+    system = system or SystemConfig()
     set_threads(cfg.threads)
     task = data.get_task(cfg.task)
     methods = ["full", *dynlora.METHODS]
@@ -442,43 +736,54 @@ def finetune(cfg: FinetuneConfig, adapter_overrides: dict | None = None) -> dict
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if cfg.lr < 0 or not 0 <= cfg.warmup_ratio < 1 or cfg.weight_decay < 0 or cfg.grad_clip < 0:
         raise ValueError("--lr, --weight-decay and --grad-clip must be >= 0 and --warmup-ratio in [0, 1)")
+    rt = runtime.start(system.device, system.precision, system.dist_timeout)
+    check_system(system, cfg.batch_size, rt)
     seed_everything(cfg.seed)
     lr = cfg.lr or default_lr(cfg.method)
     out = Path(cfg.out_dir or REPO / "runs" / run_name(cfg))
+    ckpt = read_checkpoint(out, "finetune") if system.resume else None
     out.mkdir(parents=True, exist_ok=True)
 
     data_dir = data.resolve_data_dir(cfg.data_dir)
-    data.ensure_task(data_dir, task)
+    with rt.main_first():                                                # rank 0 downloads what is missing
+        data.ensure_task(data_dir, task)
 
     # The backbone and its tokenizer.
     if cfg.backbone:
         config, backbone_state, tok, tok_path = load_backbone(cfg.backbone)
+        source = file_sha256(Path(cfg.backbone) / BACKBONE_FILE)
     else:
-        warnings.warn("fine-tuning from a RANDOM initialisation (--backbone ''): expect much lower scores; "
-                      "run `python train.py pretrain` for a backbone", stacklevel=2)
+        if rt.is_main:
+            warnings.warn("fine-tuning from a RANDOM initialisation (--backbone ''): expect much lower scores; "
+                          "run `python train.py pretrain` for a backbone", stacklevel=2)
         backbone_state = None
         tok_path = out / TOKENIZER_FILE
-        tok = data.train_tokenizer(data.pretrain_texts(data_dir, [task]), vocab_size=8192)
-        data.save_tokenizer(tok, tok_path)
+        if rt.is_main and ckpt is None:
+            data.save_tokenizer(data.train_tokenizer(data.pretrain_texts(data_dir, [task]), vocab_size=8192), tok_path)
+        rt.barrier()
+        tok = data.load_tokenizer(tok_path)
+        source = file_sha256(tok_path)
         config = gptmodel.preset("cpu", vocab_size=tok.get_vocab_size(), pad_id=tok.token_to_id(data.PAD))
     if cfg.max_len > config.block_size:
         raise ValueError(f"--max-len {cfg.max_len} exceeds the backbone's block_size {config.block_size}; "
                          f"use --max-len {config.block_size} or less")
-    if tok_path != out / TOKENIZER_FILE:
+    if tok_path != out / TOKENIZER_FILE and rt.is_main:
         shutil.copyfile(tok_path, out / TOKENIZER_FILE)
 
     # The data: tokenized once and cached beside the tokenizer (the ids depend on it), batched by length.
+    # The training batches are global batches: every process builds the same ones and computes its share
+    # of each (train_step); evaluation shares out whole batches (predict).
     cache = Path(tok_path).parent / "cache"
-    train_examples = data.read_split(data_dir, task, "train")
-    train_ids, train_labels = data.cached_encode(tok, tok_path, task, "train", train_examples, cfg.max_len, cache)
+    with rt.main_first():                                                # rank 0 fills the cache
+        train_examples = data.read_split(data_dir, task, "train")
+        train_ids, train_labels = data.cached_encode(tok, tok_path, task, "train", train_examples, cfg.max_len, cache)
+        dev_data = {split: data.cached_encode(tok, tok_path, task, split, data.read_split(data_dir, task, split),
+                                              cfg.max_len, cache) for split in task.dev_files}
     if cfg.max_train:
         train_ids, train_labels = train_ids[: cfg.max_train], train_labels[: cfg.max_train]
     train_batcher = data.BucketBatcher(train_ids, train_labels, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    dev_batchers = {}
-    for split in task.dev_files:
-        ids, labels = data.cached_encode(tok, tok_path, task, split, data.read_split(data_dir, task, split),
-                                         cfg.max_len, cache)
-        dev_batchers[split] = data.BucketBatcher(ids, labels, 2 * cfg.batch_size, shuffle=False)
+    dev_batchers = {split: data.BucketBatcher(ids, labels, 2 * cfg.batch_size, shuffle=False)
+                    for split, (ids, labels) in dev_data.items()}
 
     # The model: the pretrained body, a new head, and (for adapter methods) the adapters.
     model = build_classifier(config, backbone_state, task.num_outputs)
@@ -486,73 +791,124 @@ def finetune(cfg: FinetuneConfig, adapter_overrides: dict | None = None) -> dict
     total_steps = cfg.epochs * len(train_batcher)
     if adapter_cfg is not None:
         dynlora.apply_lora(model, adapter_cfg)
-        if adapter_cfg.allocation:
-            allocator = dynlora.RankAllocator(model, adapter_cfg, total_steps)
+    model.to(rt.device)
+    if adapter_cfg is not None and adapter_cfg.allocation:
+        allocator = dynlora.RankAllocator(model, adapter_cfg, total_steps)
     trainable, total = dynlora.count_parameters(model)
-    print(f"finetune {task.name} ({cfg.method}): {len(train_ids):,} train examples, {total_steps} steps; "
-          f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    rt.print(f"finetune {task.name} ({cfg.method}): {len(train_ids):,} train examples, {total_steps} steps; "
+             f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); "
+             f"{rt.world_size} process(es) on {rt.device.type}, {rt.precision}")
 
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
+    scaler = rt.grad_scaler()
     warmup = int(cfg.warmup_ratio * total_steps)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     run_config = {"finetune": asdict(cfg), "lr": lr, "model": config.to_dict(), "task": task.name,
                   "adapter": asdict(adapter_cfg) if adapter_cfg else None}
-    atomic_write_text(out / "config.json", json.dumps(run_config, indent=2))
     metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
+
+    # The run's state outside the tensors; a checkpoint carries it over to a resumed run. `epoch` is the
+    # epoch in progress (0-based) and `batch` the number of its batches consumed.
+    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "wall_s": 0.0, "best": {"score": -float("inf")},
+             "history": [], "log": [], "run_id": uuid.uuid4().hex, "commit": git_commit() if rt.is_main else "",
+             "resumed": 0}
+    if ckpt is None:
+        if rt.is_main and (out / CHECKPOINT_FILE).is_file():
+            print(f"finetune: starting over in {out}; its previous {CHECKPOINT_FILE} will be replaced "
+                  f"(pass --resume to continue a run instead)")
+        if rt.is_main:
+            atomic_write_text(out / "config.json", json.dumps(run_config, indent=2))
+    else:
+        check_resume(ckpt, run_config, source, out)
+        final = out / "final.json"
+        if final.is_file() and json.loads(final.read_text()).get("run_id") == ckpt["state"]["run_id"]:
+            raise ValueError(f"--resume: the run in {out} has finished (final.json); nothing to resume")
+        load_training_weights(model, ckpt["model"], cfg.method, out / CHECKPOINT_FILE)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if allocator is not None:
+            allocator.load_state_dict(ckpt["allocator"])
+        restore_rng(ckpt, rt)
+        state = {**ckpt["state"], "resumed": ckpt["state"]["resumed"] + 1}
+        rt.print(f"finetune: resuming {out} at step {state['step']} of {total_steps} (epoch {state['epoch'] + 1}, "
+                 f"batch {state['batch']})")
+    if rt.is_main:
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in state["log"]))
 
     def log(record: dict):
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        state["log"].append(record)
+        if rt.is_main:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
 
-    commit = git_commit()                 # the code this run starts with, recorded with its result
-    t_start = time.time()
+    def checkpoint():
+        state["wall_s"] = time.time() - t_start
+        weights = model.state_dict() if cfg.method == "full" else dynlora.adapter_state_dict(model)
+        save_checkpoint(out, rt, {"kind": "finetune", "config": run_config, "source": source, "model": weights,
+                                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                  "allocator": allocator.state_dict() if allocator is not None else None,
+                                  "state": state})
+
+    regularization = (lambda: dynlora.regularization_loss(model)) if cfg.method != "full" else None
+    train_model = runtime.wrap(model, rt, system.compile)
+    t_start = time.time() - state["wall_s"]
     speed = Throughput()
-    best = {"score": -float("inf")}
-    history, step = [], 0
-    model.train()
-    for epoch in range(cfg.epochs):
-        bar = tqdm(train_batcher.epoch(epoch), total=len(train_batcher), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   dynamic_ncols=True, mininterval=1.0)
+    train_model.train()
+    for epoch in range(state["epoch"], cfg.epochs):
+        batches = itertools.islice(train_batcher.epoch(epoch), state["batch"], None)
+        bar = tqdm(batches, initial=state["batch"], total=len(train_batcher), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   dynamic_ncols=True, mininterval=1.0, disable=not rt.is_main)
         for idx, y in bar:
+            step = state["step"]
             lr_now = lr * cosine_schedule(step, total_steps, warmup, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
-            _, loss = model(idx, y)
-            total_loss = loss + dynlora.regularization_loss(model) if cfg.method != "full" else loss
-            total_loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable_params, cfg.grad_clip)
-            optimizer.step()
-            step += 1                         # optimizer steps taken, counted from 1
-            if allocator is not None:
+            loss, stepped = train_step(train_model, (idx, y), rt, system.grad_accum, optimizer, scaler,
+                                       trainable_params, cfg.grad_clip, regularization)
+            step = state["step"] = step + 1           # optimizer steps taken, counted from 1
+            state["batch"] += 1
+            state["tokens"] += idx.numel()
+            # After optimizer.step(), before zero_grad(): the allocator reads the gradients. Under DDP they
+            # are the all-reduced gradients, the same on every process, so every process computes the same
+            # importance scores and the same masks (DDP does not broadcast them: see runtime.wrap). A step
+            # the fp16 scaler skipped has inf/nan gradients, which would poison the importance averages:
+            # the allocator sits that step out.
+            if allocator is not None and stepped:
                 n_before = len(allocator.history)
-                allocator.step(step)          # after optimizer.step(), before zero_grad(): it reads the grads
+                allocator.step(step)
                 if len(allocator.history) > n_before:           # a reallocation: log the new rank pattern
                     log({"epoch": epoch + 1, **allocator.history[-1]})
             optimizer.zero_grad(set_to_none=True)
             tps = speed.add(idx.numel())
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_now:.1e}", tok_s=f"{tps:,.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr_now:.1e}", tok_s=f"{tps:,.0f}")
             if step % 50 == 0:
-                record = {"step": step, "epoch": epoch + 1, "train_loss": loss.item(), "lr": lr_now}
+                record = {"step": step, "epoch": epoch + 1, "train_loss": loss, "lr": lr_now}
                 log(record)
-                history.append(record)
-        dev = evaluate(model, task, dev_batchers)
-        record = {"step": step, "epoch": epoch + 1, "dev": dev, "score": dev["score"], "wall_s": time.time() - t_start}
+                state["history"].append(record)
+            if system.save_every and step % system.save_every == 0 and state["batch"] < len(train_batcher):
+                checkpoint()                      # (the epoch's last batch is followed by the epoch-end one)
+        dev = evaluate(model, task, dev_batchers, rt)
+        record = {"step": state["step"], "epoch": epoch + 1, "dev": dev, "score": dev["score"],
+                  "wall_s": time.time() - t_start}
         log(record)
-        history.append(record)
-        tqdm.write(f"epoch {epoch + 1}: dev {task.name} score {100 * dev['score']:.2f}  "
-                   + "  ".join(f"{s}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
-                               for s, m in dev.items() if s != "score"))
-        if dev["score"] > best["score"]:
-            best = {"score": dev["score"], "epoch": epoch + 1, "dev": dev}
-            best_state = copy.deepcopy(model.state_dict())
-            save_finetuned(out, model, cfg, adapter_cfg, config, task, allocator)
+        state["history"].append(record)
+        if rt.is_main:
+            tqdm.write(f"epoch {epoch + 1}: dev {task.name} score {100 * dev['score']:.2f}  "
+                       + "  ".join(f"{s}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+                                   for s, m in dev.items() if s != "score"))
+        if dev["score"] > state["best"]["score"]:
+            state["best"] = {"score": dev["score"], "epoch": epoch + 1, "dev": dev}
+            if rt.is_main:
+                save_finetuned(out, model, cfg, adapter_cfg, config, task, allocator)
+        state["epoch"], state["batch"] = epoch + 1, 0
+        checkpoint()
     wall = time.time() - t_start
-    model.load_state_dict(best_state)         # the reported model is the best epoch's
-    inference = inference_forms(model, adapter_cfg, task, dev_batchers, train_batcher, config.pad_id, out) \
+    rt.barrier()                              # rank 0 has written the best model
+    restore_best(model, out, cfg.method)      # the reported model is the best epoch's
+    inference = inference_forms(model, adapter_cfg, task, dev_batchers, train_batcher, config.pad_id, out, rt) \
         if adapter_cfg is not None else {}
 
+    best, history = state["best"], state["history"]
     result = {
         "task": task.name, "method": cfg.method, "seed": cfg.seed, "suite": cfg.suite,
         "score": best["score"], "best_epoch": best["epoch"], "dev": best["dev"],
@@ -561,44 +917,86 @@ def finetune(cfg: FinetuneConfig, adapter_overrides: dict | None = None) -> dict
         "active_adapter_params": dynlora.active_parameter_count(model) if cfg.method != "full" else None,
         **inference,
         "train_examples": len(train_ids), "wall_s": round(wall, 1),
-        "tokens_per_s": round(speed.tokens / max(1e-9, wall), 1),
-        "backbone": cfg.backbone, "machine": machine_description(), "commit": commit,
+        "tokens_per_s": round(state["tokens"] / max(1e-9, wall), 1),
+        "device": rt.device.type, "precision": rt.precision, "processes": rt.world_size,
+        "resumed": state["resumed"], "run_id": state["run_id"],
+        "backbone": cfg.backbone, "machine": machine_description(), "commit": state["commit"],
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "run_dir": str(out),
     }
-    atomic_write_text(out / "final.json", json.dumps(result, indent=2))
-    append_result(result, Path(cfg.results_dir))
-    import plots
-    plots.finetune_curves(history, task.name, out / "curves.png")
-    if allocator is not None:
-        plots.allocation_plots(allocator.history, out)
-    print(f"finetune {task.name} ({cfg.method}): best dev score {100 * best['score']:.2f} at epoch "
-          f"{best['epoch']}, {wall / 60:.1f} min; run folder {out}")
+    if rt.is_main:
+        import plots
+        plots.finetune_curves(history, task.name, out / "curves.png")
+        if allocator is not None:
+            plots.allocation_plots(allocator.history, out)
+        # The results line first, final.json last: final.json marks the run finished, and a run resumed after
+        # a crash between the two appends nothing twice (append_result skips a run_id it already holds).
+        append_result(result, Path(cfg.results_dir))
+        atomic_write_text(out / "final.json", json.dumps(result, indent=2))
+        print(f"finetune {task.name} ({cfg.method}): best dev score {100 * best['score']:.2f} at epoch "
+              f"{best['epoch']}, {wall / 60:.1f} min; run folder {out}")
+    rt.barrier()
     return result
 
 
+def load_training_weights(model: GPTClassifier, weights: dict, method: str, path: Path):
+    """Load a checkpoint's weights: the whole state dict (full) or the adapter tensors (adapter methods)."""
+    expected = model.state_dict() if method == "full" else dynlora.adapter_state_dict(model)
+    odd = sorted(set(weights) ^ set(expected))
+    if odd:
+        raise ValueError(f"{path} does not fit this model: tensor names differ (e.g. {odd[0]})")
+    model.load_state_dict(weights, strict=method == "full")
+
+
+def restore_best(model: GPTClassifier, out: Path, method: str):
+    """Load the best epoch's weights back from the file save_finetuned wrote (model.pt or adapter.pt)."""
+    if method == "full":
+        weights = torch.load(out / "model.pt", map_location="cpu", weights_only=True)["model"]
+    else:
+        weights = torch.load(out / "adapter.pt", map_location="cpu", weights_only=True)["state"]
+    load_training_weights(model, weights, method, out)
+
+
+def sum_gate_statistics(stats: dynlora.GateStats, model: nn.Module, rt: runtime.Runtime):
+    """Add up the gate statistics of all processes (each saw a share of the dev batches), in place."""
+    layers = {}
+    for name, layer in dynlora.adapter_layers(model):
+        if layer.gated and not layer.gate_is_frozen:
+            entry = stats.layers.get(name) or {"positions": 0, "gate_sum": torch.zeros(layer.r, dtype=torch.float64),
+                                               "histogram": torch.zeros(layer.r + 1, dtype=torch.long)}
+            entry["positions"] = int(rt.sum([entry["positions"]])[0])
+            rt.sum_tensor_(entry["gate_sum"])
+            rt.sum_tensor_(entry["histogram"])
+            layers[name] = entry
+    stats.layers = layers
+
+
 def inference_forms(model: GPTClassifier, adapter_cfg, task: data.TaskSpec, dev_batchers: dict,
-                    train_batcher, pad_id: int, out: Path) -> dict:
+                    train_batcher, pad_id: int, out: Path, rt: runtime.Runtime | None = None) -> dict:
     """How an adapter model is deployed, and what that costs: the merged model's dev score, and for gated
     models the effective rank the gates use on dev.
 
     A gated update depends on the input, so it cannot be merged into W0 as it is. freeze_gates replaces each
-    gate by its mean over calibration data (the first 20 training batches); the merged score then measures
-    the accuracy cost of that static approximation. Allocation-only models merge exactly.
+    gate by its mean over calibration data (the first 20 training batches, the same on every process, so
+    every process freezes the same gates); the merged score then measures the accuracy cost of that static
+    approximation. Allocation-only models merge exactly.
     """
+    rt = rt or runtime.Runtime(next(model.parameters()).device, "fp32")
     result = {}
     if adapter_cfg.gating:
         with dynlora.gate_statistics(model, pad_id=pad_id) as stats:
-            evaluate(model, task, dev_batchers)
+            evaluate(model, task, dev_batchers, rt)
+        sum_gate_statistics(stats, model, rt)
         summary = stats.summary()
         result["mean_effective_rank"] = float(np.mean([v["mean_effective_rank"] for v in summary.values()]))
-        atomic_write_text(out / "gates.json", json.dumps(summary, indent=2))
-        import plots
-        plots.effective_rank_hist({n: t.numpy() for n, t in stats.per_token_rank().items()}, adapter_cfg.r,
-                                  out / "effective_rank.png")
-        calibration = itertools.islice(train_batcher.epoch(0), 20)
+        if rt.is_main:
+            atomic_write_text(out / "gates.json", json.dumps(summary, indent=2))
+            import plots
+            plots.effective_rank_hist({n: t.numpy() for n, t in stats.per_token_rank().items()}, adapter_cfg.r,
+                                      out / "effective_rank.png")
+        calibration = ((idx.to(rt.device), y) for idx, y in itertools.islice(train_batcher.epoch(0), 20))
         dynlora.freeze_gates(model, calibration, pad_id=pad_id)
     merged = dynlora.merge_and_unload(model)
-    result["merged_score"] = evaluate(merged, task, dev_batchers)["score"]
+    result["merged_score"] = evaluate(merged, task, dev_batchers, rt)["score"]
     return result
 
 
@@ -657,7 +1055,7 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, backbone: str | None
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. Results: the results/ files and the README report
+# 6. Results: the results/ files and the README report
 # ---------------------------------------------------------------------------------------------------------
 
 RESULTS_FILE = "finetune.jsonl"
@@ -665,8 +1063,12 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def append_result(result: dict, results_dir: Path):
+    """Append one run's result line, once: a line with the same run_id already there is not written again
+    (a resumed run may repeat the end of a run that crashed after appending)."""
     results_dir = REPO / results_dir if not results_dir.is_absolute() else results_dir
     results_dir.mkdir(parents=True, exist_ok=True)
+    if "run_id" in result and any(r.get("run_id") == result["run_id"] for r in load_results(results_dir)):
+        return
     with open(results_dir / RESULTS_FILE, "a") as fh:
         fh.write(json.dumps(result) + "\n")
 
@@ -740,7 +1142,7 @@ def write_report(readme: Path = REPO / "README.md", results_dir: Path = RESULTS_
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6. The main job and the command line
+# 7. The main job and the command line
 # ---------------------------------------------------------------------------------------------------------
 
 def main_job(data_dir: str | None = None):
@@ -764,9 +1166,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("pretrain", help="causal-LM pretraining of the backbone")
     add_config_args(p, PretrainConfig)
+    add_config_args(p, SystemConfig)
     p = sub.add_parser("finetune", help="fine-tune on a GLUE task")
     add_config_args(p, FinetuneConfig)
     add_config_args(p, dynlora.AdapterConfig, rename=dynlora.FLAG_NAMES, only_if_given=True)
+    add_config_args(p, SystemConfig)
     p = sub.add_parser("eval", help="score a saved fine-tuned run on its dev split(s)")
     p.add_argument("--run", required=True, help="run folder written by finetune")
     p.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR, else ./data/glue)")
@@ -774,6 +1178,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="render the README's result tables from results/")
     p = sub.add_parser("bench", help="speed and memory figures (writes results/bench.json)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p = sub.add_parser("import-gpt2", help="convert a local Hugging Face GPT-2 folder into a backbone folder")
+    p.add_argument("--gpt2-dir", required=True, help="folder with config.json, model.safetensors (or "
+                                                     "pytorch_model.bin) and tokenizer.json")
+    p.add_argument("--out-dir", default="runs/gpt2", help="backbone folder to write (default: runs/gpt2)")
     return parser
 
 
@@ -783,11 +1191,11 @@ def main(argv=None):
         if args.command is None:
             main_job(args.data_dir)
         elif args.command == "pretrain":
-            pretrain(config_from_args(PretrainConfig, args))
+            pretrain(config_from_args(PretrainConfig, args), config_from_args(SystemConfig, args))
         elif args.command == "finetune":
             cfg = config_from_args(FinetuneConfig, args)
             given = {f.name: getattr(args, f.name) for f in fields(dynlora.AdapterConfig) if hasattr(args, f.name)}
-            finetune(cfg, given)
+            finetune(cfg, given, config_from_args(SystemConfig, args))
         elif args.command == "eval":
             res = evaluate_run(args.run, args.data_dir, args.backbone)
             print(json.dumps(res, indent=2))
@@ -796,8 +1204,13 @@ def main(argv=None):
         elif args.command == "bench":
             import bench
             bench.run(quick=args.quick)
-    except (ValueError, FileNotFoundError) as err:      # data.DataError is a ValueError
+        elif args.command == "import-gpt2":
+            import gpt2
+            gpt2.import_gpt2(args.gpt2_dir, args.out_dir)
+    except (ValueError, OSError, runtime.DistributedError) as err:    # DataError is a ValueError, SaveError an OSError
         sys.exit(f"error: {err}")
+    finally:
+        runtime.finish()
 
 
 if __name__ == "__main__":
