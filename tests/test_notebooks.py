@@ -1,0 +1,47 @@
+"""The tutorial notebooks run top to bottom.
+
+Each notebook is read into memory and executed by nbclient in a fresh kernel of this Python (the kernel's
+working folder is notebooks/, as when a reader opens it there); the executed copy is discarded, so nothing is
+written back into the repository. Any error in any cell fails the test, naming the cell.
+
+The notebooks find GLUE through $GLUE_DIR, ../shared/glue beside the repository or ./data/glue, else they run
+on the tiny test fixtures. They keep their files in the system's temporary folder, which for these tests is a
+folder of this session: notebook 1 pretrains the small backbone there once and notebooks 2-5 reuse it.
+"""
+
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbformat.v4 import new_code_cell
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+CELL_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory):
+    """One temporary folder for all notebook kernels of the session (the cached backbone lives there)."""
+    return tmp_path_factory.mktemp("notebooks")
+
+
+def test_the_tutorial_is_five_numbered_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"], [p.name for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_top_to_bottom(path, shared_tmp, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(shared_tmp))            # the kernel inherits it: tempfile uses this folder
+    nb = nbformat.read(path, as_version=4)
+    # First, make sure the kernel is this Python (the venv with the repository's requirements).
+    nb.cells.insert(0, new_code_cell(f"import sys\nassert sys.prefix == {sys.prefix!r}, sys.prefix"))
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", record_timing=False,
+                            resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    before = sorted(NOTEBOOK_DIR.rglob("*"))
+    client.execute()                                           # raises CellExecutionError on the first error
+    assert sorted(NOTEBOOK_DIR.rglob("*")) == before, "a notebook wrote files into its working folder"
+    errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
+    assert not errors, errors
