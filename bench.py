@@ -10,8 +10,8 @@ Figures, all on the "cpu" preset (weights at random init; speed does not depend 
   - achieved FLOP/s of a pretraining step and a full fine-tuning step (matmul FLOPs counted by
     model.training_flops: 3 x forward, forward = 24 d^2 L + 4 T d L (+ 2 d V for the LM head) per token).
   - step time of each adapter method / full fine-tuning, and of each dynamic variant / static LoRA.
-  - peak memory of LoRA training / full fine-tuning (peak resident memory of a fresh process, minus what it
-    held before building the model).
+  - peak memory of LoRA training / full fine-tuning (peak resident memory, VmHWM, of a fresh process, minus
+    what it held before building the model: weights, gradients, optimizer state and activations).
   - merged-model inference time / base-model inference time.
   - the FLOPs of the rank gates as a fraction of the model's forward FLOPs (counted, not timed).
 Results go to results/bench.json, which `python train.py report` renders into the README.
@@ -19,7 +19,6 @@ Results go to results/bench.json, which `python train.py report` renders into th
 
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -94,19 +93,31 @@ def _peak_memory_child(method: str, config_dict: dict, B: int, T: int, r: int, q
     torch.manual_seed(0)
     from model import GPTConfig
     config = GPTConfig(**config_dict)
-    before = _rss_bytes()
+    _reset_peak_rss()
+    before = _status_bytes("VmRSS")
     model = classifier(method, config, r)
     idx = torch.randint(4, config.vocab_size, (B, T))
     y = torch.randint(0, 2, (B,))
     step = make_step(model, idx, y, method, total_steps=100)
     for _ in range(3):
         step()
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    queue.put(_status_bytes("VmHWM") - before)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
+def _status_bytes(key: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: now; VmHWM: the peak), in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key}; the memory figure needs Linux")
+
+
+def _reset_peak_rss():
+    """Start VmHWM afresh. A spawned child can inherit the parent's peak (ru_maxrss does, across exec), which
+    would make every method report the parent's memory; writing 5 to clear_refs resets it (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
 
 
 def peak_training_memory(method: str, config, B: int, T: int, r: int) -> int:
