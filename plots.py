@@ -73,8 +73,11 @@ def allocation_plots(history: list, out_dir):
     importance = np.array([[h["importance"][name] for name in layers] for h in history])
     for j, name in enumerate(layers):
         ax.plot(steps, importance[:, j], lw=0.8, label=name)
+    # A log scale: importances span orders of magnitude (and are ~1e-7 early on); zeros, before B has
+    # moved away from 0, are left out of the plot.
     ax.set(title="Layer importance (sum of component scores)", xlabel="optimizer step",
-           ylabel="importance (smoothed sensitivity x uncertainty)", yscale="symlog")
+           ylabel="importance (smoothed sensitivity x uncertainty)")
+    ax.set_yscale("log", nonpositive="mask")
     if len(layers) <= 12:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

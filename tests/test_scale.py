@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 import gpt2
 import runtime
 import train
+from test_train import cli          # the in-process command line, shared with test_train.py
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "glue"
@@ -29,15 +30,6 @@ NANO = ["--preset", "nano", "--batch-size", "4", "--block-size", "32", "--vocab-
 SCHEDULE = ["--t-init", "1", "--t-final", "1", "--delta-t", "1", "--lora-r", "4", "--target-r", "2"]
 # Fields of final.json that describe the attempt rather than the result.
 VOLATILE = {"wall_s", "tokens_per_s", "date", "run_dir", "resumed", "run_id", "machine", "commit"}
-
-
-def cli(*argv):
-    """Run train.py's command line in this process; returns (exit code, stderr-like message)."""
-    try:
-        train.main([str(a) for a in argv])
-    except SystemExit as stop:
-        return (0 if stop.code in (None, 0) else 1), str(stop.code)
-    return 0, ""
 
 
 @pytest.fixture(autouse=True)
