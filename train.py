@@ -1094,13 +1094,15 @@ def render_report(results: list, bench: dict | None = None) -> str:
         methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
         lines.append(f"**Suite `{suite or 'default'}`** — GLUE dev score x 100 (best epoch; mean ± std over seeds, "
                      f"n = seeds), trainable parameters, wall time per run.\n")
-        lines.append("| method | " + " | ".join(tasks) + " | avg | trainable params | wall (min, mean) |")
-        lines.append("|---" * (len(tasks) + 4) + "|")
+        lines.append("| method | " + " | ".join(tasks) + " | avg | trainable params | active adapter params (reported model) "
+                     "| wall (min, mean) |")
+        lines.append("|---" * (len(tasks) + 5) + "|")
         for m in methods:
-            cells, means, params, walls = [], [], set(), []
+            cells, means, params, active, walls = [], [], set(), set(), []
             for t in tasks:
                 scores = [100 * r["score"] for r in rows if r["task"] == t and r["method"] == m]
                 params |= {r["trainable_params"] for r in rows if r["task"] == t and r["method"] == m}
+                active |= {r.get("active_adapter_params") for r in rows if r["task"] == t and r["method"] == m}
                 walls += [r["wall_s"] for r in rows if r["task"] == t and r["method"] == m]
                 if not scores:
                     cells.append("—")
@@ -1110,7 +1112,10 @@ def render_report(results: list, bench: dict | None = None) -> str:
                 cells.append(f"{np.mean(scores):.1f}{sd} (n={len(scores)})")
             avg = f"{np.mean(means):.1f}" if len(means) == len(tasks) else "—"
             param_text = (f"{min(params):,}" if len(params) == 1 else f"{min(params):,}–{max(params):,}")
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} | {param_text} | {np.mean(walls) / 60:.1f} |")
+            active = sorted(a for a in active if a is not None)
+            active_text = "—" if not active else f"{active[0]:,}" if len(active) == 1 else f"{active[0]:,}–{active[-1]:,}"
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} | {param_text} | {active_text} "
+                         f"| {np.mean(walls) / 60:.1f} |")
         machines = sorted({r["machine"] for r in rows})
         commits = sorted({r["commit"] for r in rows})
         lines.append(f"\nMachine: {'; '.join(machines)}. Commits: {', '.join(commits)}.\n")
@@ -1124,6 +1129,8 @@ def render_bench(bench: dict) -> str:
              f"{bench['date']}):\n", "| figure | value | target |", "|---|---|---|"]
     for row in bench["rows"]:
         lines.append(f"| {row['name']} | {row['value']} | {row.get('target', '')} |")
+    if bench.get("note"):
+        lines.append(f"\nNote: {bench['note']}")
     return "\n".join(lines) + "\n"
 
 

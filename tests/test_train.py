@@ -95,8 +95,8 @@ def test_report_renders_means_and_spreads_into_the_readme(tmp_path):
     text = readme.read_text()
     assert "old table" not in text and text.startswith("intro") and text.endswith("end\n")
     # mean of 50, 60, 70 is 60.0; sample std is 10.0
-    assert "| lora | 60.0 ± 10.0 (n=3) | 60.0 | 10 | 1.0 |" in text
-    assert "| full | 55.0 (n=1) | 55.0 | 99 | 2.0 |" in text
+    assert "| lora | 60.0 ± 10.0 (n=3) | 60.0 | 10 | — | 1.0 |" in text
+    assert "| full | 55.0 (n=1) | 55.0 | 99 | — | 2.0 |" in text
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         train.write_report(readme, results)
