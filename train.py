@@ -29,6 +29,7 @@ What this file holds, in order:
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import itertools
 import json
@@ -437,7 +438,6 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def file_sha256(path: Path) -> str:
-    import hashlib
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
