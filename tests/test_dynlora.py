@@ -307,9 +307,9 @@ def test_gate_at_init_is_constant_and_penalty_is_its_mean():
     model, config = adapted("gate", gate_penalty=0.5)
     idx, _ = batch()
     model(idx)
-    # W_g = 0: every gate of every token is sigmoid(3), so the mean gate is sigmoid(3) in every layer.
+    # W_g = 0: every gate of every token is sigmoid(gate_init), so the mean gate is sigmoid(gate_init) in every layer.
     reg = regularization_loss(model)
-    assert torch.allclose(reg, torch.tensor(0.5 / (1 + math.exp(-3.0))), atol=1e-6)
+    assert torch.allclose(reg, torch.tensor(0.5 / (1 + math.exp(-AdapterConfig().gate_init))), atol=1e-6)
     with pytest.raises(RuntimeError, match="after each forward pass"):
         regularization_loss(model)             # the records were consumed
     # With allocation, switched-off components are not penalised: 3 of 4 active -> 3/4 of the mean.
@@ -317,7 +317,7 @@ def test_gate_at_init_is_constant_and_penalty_is_its_mean():
     for _, layer in adapter_layers(model):
         layer.mask[1] = 0.0
     model(idx)
-    assert torch.allclose(regularization_loss(model), torch.tensor(0.75 / (1 + math.exp(-3.0))), atol=1e-6)
+    assert torch.allclose(regularization_loss(model), torch.tensor(0.75 / (1 + math.exp(-AdapterConfig().gate_init))), atol=1e-6)
 
 
 def test_gate_penalty_lowers_effective_rank_on_a_toy_problem():
@@ -363,7 +363,7 @@ def test_gate_statistics_counts_real_tokens_only():
         model.eval()
         model(idx)
     hist = stats.histogram()
-    # At init every gate is sigmoid(3) = 0.95 > 0.5: each of the 10 real positions has all active gates open.
+    # At init every gate is sigmoid(gate_init) = 0.73 > 0.5: each of the 10 real positions has all active gates open.
     assert hist[layers[0][0]] == [0, 0, 0, 10, 0]
     assert hist[layers[1][0]] == [0, 0, 0, 0, 10]
     assert stats.mean_effective_rank()[layers[0][0]] == 3.0
@@ -391,8 +391,8 @@ def test_freeze_gates_then_merge_matches_frozen_forward():
 def test_frozen_gate_is_the_mean_gate_and_survives_save_load(tmp_path):
     model, _ = adapted("gate")
     freeze_gates(model, [batch(1)[0]])
-    for _, layer in adapter_layers(model):     # untrained: g = sigmoid(3) for every token
-        assert torch.allclose(layer.frozen_gate, torch.full((4,), 1 / (1 + math.exp(-3.0))), atol=1e-6)
+    for _, layer in adapter_layers(model):     # untrained: g = sigmoid(gate_init) for every token
+        assert torch.allclose(layer.frozen_gate, torch.full((4,), 1 / (1 + math.exp(-AdapterConfig().gate_init))), atol=1e-6)
     randomize_B(model)
     path = save_adapter(tmp_path / "g.pt", model)
     fresh = classifier()
