@@ -67,7 +67,8 @@ def test_finetune_then_eval_reproduces_the_saved_metrics(backbone, tmp_path, tas
     assert set(again) == {"score", *train.data.get_task(task).dev_files}
     # The result was appended to the results file given, with what the report needs.
     record = json.loads((tmp_path / "results" / "finetune.jsonl").read_text().splitlines()[-1])
-    for key in ("task", "method", "seed", "trainable_params", "wall_s", "machine", "commit", "score"):
+    for key in ("task", "method", "seed", "trainable_params", "wall_s", "machine", "commit", "score", "last_score",
+                "final_active_adapter_params"):
         assert key in record
     assert record["task"] == task and record["trainable_params"] == record["total_params"]
 
@@ -82,10 +83,12 @@ def test_finetune_is_repeatable_with_a_seed(backbone, tmp_path):
 
 
 def test_report_renders_means_and_spreads_into_the_readme(tmp_path):
-    rows = [dict(task="RTE", method="lora", seed=s, suite="x", score=v, trainable_params=10, wall_s=60,
-                 machine="m", commit="c") for s, v in enumerate([0.5, 0.6, 0.7])]
-    rows.append(dict(task="RTE", method="full", seed=0, suite="x", score=0.55, trainable_params=99, wall_s=120,
-                     machine="m", commit="c"))
+    # `score` is the best epoch's, `last_score` the final model's: the report shows the final model.
+    rows = [dict(task="RTE", method="lora", seed=s, suite="x", score=0.9, last_score=v, trainable_params=10,
+                 final_active_adapter_params=8, wall_s=60, machine="m", commit="c")
+            for s, v in enumerate([0.5, 0.6, 0.7])]
+    rows.append(dict(task="RTE", method="full", seed=0, suite="x", score=0.9, last_score=0.55, trainable_params=99,
+                     final_active_adapter_params=None, wall_s=120, machine="m", commit="c"))
     results = tmp_path / "results"
     results.mkdir()
     (results / "finetune.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -95,7 +98,7 @@ def test_report_renders_means_and_spreads_into_the_readme(tmp_path):
     text = readme.read_text()
     assert "old table" not in text and text.startswith("intro") and text.endswith("end\n")
     # mean of 50, 60, 70 is 60.0; sample std is 10.0
-    assert "| lora | 60.0 ± 10.0 (n=3) | 60.0 | 10 | — | 1.0 |" in text
+    assert "| lora | 60.0 ± 10.0 (n=3) | 60.0 | 10 | 8 | 1.0 |" in text
     assert "| full | 55.0 (n=1) | 55.0 | 99 | — | 2.0 |" in text
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
@@ -224,6 +227,16 @@ def test_every_adapter_method_trains_saves_and_reloads(backbone, tmp_path, metho
         assert (run / "rank_heatmap.png").is_file() and (run / "budget.png").is_file()
         ranks = [r["ranks"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "ranks" in r]
         assert ranks and sum(ranks[-1].values()) == 2 * len(ranks[-1])   # final budget: target_r per layer
+        # The final model holds exactly the final rank pattern: k components of d_in + d_out = 32 + 32
+        # parameters in an adapted layer (q_proj, v_proj of the 32-wide nano backbone), + k lambdas (adalora)
+        # or the k x k + k entries of a live gate that touch them (dynlora).
+        extra = {"alloc": lambda k: 0, "adalora": lambda k: k, "dynlora": lambda k: k * k + k}[method]
+        assert final["final_active_adapter_params"] == sum(k * (32 + 32) + extra(k) for k in ranks[-1].values())
+    else:                                           # rank 4 everywhere: 4 (32 + 32) per adapted layer,
+        layers = final["active_adapter_params"] // (4 * 64)    # and a live gate's 4 x 4 + 4 on top
+        gate = 4 * 4 + 4 if method == "gate" else 0
+        assert final["active_adapter_params"] == 4 * 64 * layers   # the saved model's gates are frozen
+        assert final["final_active_adapter_params"] == (4 * 64 + gate) * layers
 
 
 def test_lora_flags_reach_the_adapter_config(backbone, tmp_path):
