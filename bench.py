@@ -68,7 +68,9 @@ def classifier(method: str, config, r: int) -> GPTClassifier:
     torch.manual_seed(0)
     model = GPTClassifier(config, num_outputs=2)
     if method != "full":
-        cfg = dynlora.config_for_method(method, r=r, target_r=max(1, r * 2 // 3), t_init=2, t_final=2, delta_t=2)
+        # The default reallocation interval delta_t, with the warm-up cut to 2 steps so that the timed steps
+        # include reallocations (with the default t_init they would all fall in the warm-up).
+        cfg = dynlora.config_for_method(method, r=r, target_r=max(1, r * 2 // 3), t_init=2, t_final=2)
         dynlora.apply_lora(model, cfg)
         model.adapter_config = cfg
     return model
@@ -135,7 +137,7 @@ def run(quick: bool = False, out_path: Path | None = None) -> dict:
     import train  # for machine_description / git_commit / atomic writes
     config = preset("nano") if quick else preset("cpu")
     B, T, r = (4, 16, 4) if quick else (32, 64, 8)
-    rounds, per_round = (2, 1) if quick else (7, 3)
+    rounds, per_round = (2, 1) if quick else (11, 3)
     rows = []
 
     peak = matmul_flops_per_s(256 if quick else 2048, 3 if quick else 10)

@@ -1012,16 +1012,16 @@ class RankAllocator:
                                "optimizer.zero_grad() (zero_grad(set_to_none=False) zeroes them)")
         b1, b2 = self.config.beta1, self.config.beta2
         for name, m in self.layers:
-            active = m.mask > 0                                               # (r,) bool
+            # x.lerp_(y, w) is x <- x + w (y - x) = (1 - w) x + w y: with w = 1 - beta the EMA update, with
+            # w = 0 no change. The weight is 1 - beta on active components and 0 on switched-off ones, which
+            # keep their EMAs (their gradient is 0 by construction; see above). In place, a few ops per
+            # parameter: this runs at every optimizer step.
+            w1, w2 = (1 - b1) * m.mask, (1 - b2) * m.mask                    # (r,) each; the mask is 0/1
             for key, p in self._params(m).items():
-                sens = (p * p.grad).abs() if p.grad is not None else torch.zeros_like(p)  # I, same shape as p
                 ipt, unc = self.ipt[name][key], self.unc[name][key]
-                new_ipt = b1 * ipt + (1 - b1) * sens
-                new_unc = b2 * unc + (1 - b2) * (sens - new_ipt).abs()
-                keep = self._per_component(active, key)
-                # Switched-off components keep their EMAs (their gradient is 0 by construction; see above).
-                ipt.copy_(torch.where(keep, new_ipt, ipt))
-                unc.copy_(torch.where(keep, new_unc, unc))
+                sens = (p * p.grad).abs_() if p.grad is not None else torch.zeros_like(p)  # I, same shape as p
+                ipt.lerp_(sens, self._per_component(w1, key))            # I_bar <- b1 I_bar + (1 - b1) I
+                unc.lerp_(sens.sub_(ipt).abs_(), self._per_component(w2, key))  # U_bar <- ... |I - I_bar|
 
     @torch.no_grad()
     def component_scores(self) -> dict[str, torch.Tensor]:
