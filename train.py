@@ -1126,6 +1126,20 @@ def render_report(results: list, bench: dict | None = None) -> str:
             active_text = "—" if not active else f"{active[0]:,}" if len(active) == 1 else f"{active[0]:,}–{active[-1]:,}"
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} | {param_text} | {active_text} "
                          f"| {np.mean(walls) / 60:.1f} |")
+        gated = [m for m in methods
+                 if any(r["method"] == m and r.get("mean_effective_rank") is not None for r in rows)]
+        if gated:
+            lines.append("\nGated methods: mean effective rank per dev token (components whose gate m_i g_i(x) > 0.5, "
+                         "averaged over tokens and adapted layers, of the saved model; mean over seeds).\n")
+            lines.append("| method | " + " | ".join(tasks) + " |")
+            lines.append("|---" * (len(tasks) + 1) + "|")
+            for m in gated:
+                cells = []
+                for t in tasks:
+                    ranks = [r["mean_effective_rank"] for r in rows if r["task"] == t and r["method"] == m
+                             and r.get("mean_effective_rank") is not None]
+                    cells.append(f"{np.mean(ranks):.1f}" if ranks else "—")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
         machines = sorted({r["machine"] for r in rows})
         commits = sorted({r["commit"] for r in rows})
         lines.append(f"\nMachine: {'; '.join(machines)}. Commits: {', '.join(commits)}.\n")

@@ -89,6 +89,9 @@ def test_report_renders_means_and_spreads_into_the_readme(tmp_path):
             for s, v in enumerate([0.5, 0.6, 0.7])]
     rows.append(dict(task="RTE", method="full", seed=0, suite="x", score=0.9, last_score=0.55, trainable_params=99,
                      final_active_adapter_params=None, wall_s=120, machine="m", commit="c"))
+    rows += [dict(task="RTE", method="gate", seed=s, suite="x", score=0.9, last_score=0.5, trainable_params=11,
+                  final_active_adapter_params=9, mean_effective_rank=k, wall_s=60, machine="m", commit="c")
+             for s, k in enumerate([2.0, 3.0])]
     results = tmp_path / "results"
     results.mkdir()
     (results / "finetune.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -100,6 +103,7 @@ def test_report_renders_means_and_spreads_into_the_readme(tmp_path):
     # mean of 50, 60, 70 is 60.0; sample std is 10.0
     assert "| lora | 60.0 ± 10.0 (n=3) | 60.0 | 10 | 8 | 1.0 |" in text
     assert "| full | 55.0 (n=1) | 55.0 | 99 | — | 2.0 |" in text
+    assert "| gate | 2.5 |" in text                 # the gated methods' mean effective rank, mean over seeds
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         train.write_report(readme, results)
