@@ -977,6 +977,9 @@ def sum_gate_statistics(stats: dynlora.GateStats, model: nn.Module, rt: runtime.
     stats.layers = layers
 
 
+CALIBRATION_BATCHES = 20     # training batches whose mean gate replaces a gated layer's gate for merging
+
+
 def inference_forms(model: GPTClassifier, adapter_cfg, task: data.TaskSpec, dev_batchers: dict,
                     train_batcher, pad_id: int, out: Path, rt: runtime.Runtime | None = None) -> dict:
     """How an adapter model is deployed, and what that costs: the merged model's dev score, and for gated
@@ -1000,7 +1003,8 @@ def inference_forms(model: GPTClassifier, adapter_cfg, task: data.TaskSpec, dev_
             import plots
             plots.effective_rank_hist({n: t.numpy() for n, t in stats.per_token_rank().items()}, adapter_cfg.r,
                                       out / "effective_rank.png")
-        calibration = ((idx.to(rt.device), y) for idx, y in itertools.islice(train_batcher.epoch(0), 20))
+        calibration = ((idx.to(rt.device), y) for idx, y in itertools.islice(train_batcher.epoch(0),
+                                                                              CALIBRATION_BATCHES))
         dynlora.freeze_gates(model, calibration, pad_id=pad_id)
     merged = dynlora.merge_and_unload(model)
     result["merged_score"] = evaluate(merged, task, dev_batchers, rt)["score"]
@@ -1059,6 +1063,46 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, backbone: str | None
                                          max_len, tok_path.parent / "cache")
         batchers[split] = data.BucketBatcher(ids, labels, batch_size, shuffle=False)
     return evaluate(model, task, batchers)
+
+
+def export_merged(run_dir: str, out_dir: str | None = None, data_dir: str | None = None,
+                  backbone: str | None = None) -> Path:
+    """Write an adapter run's model with the adapter merged into the weights: a plain model.pt, as full
+    fine-tuning writes, which runs at the base model's speed and which `eval` scores like any run.
+
+    LoRA and allocation-only adapters merge exactly (masks enter dW). A gated adapter's update depends on
+    the input, so, as finetune does for its `merged_score`, each gate is first frozen to its mean over the
+    run's first CALIBRATION_BATCHES training batches: the export is that static approximation, and scores
+    exactly the run's `merged_score`. Returns the folder written (default: the run folder + "-merged").
+    """
+    run = Path(run_dir)
+    if not (run / "adapter.pt").is_file():
+        raise FileNotFoundError(f"--run {run}: no adapter.pt there; export merges an adapter run (lora, alloc, "
+                                f"gate, dynlora, adalora); a full fine-tuning run's model.pt is already plain")
+    model, tok, meta = load_finetuned(run, backbone)
+    adapter_cfg = model.adapter_config
+    if adapter_cfg.gating:
+        cfg = json.loads((run / "config.json").read_text())["finetune"]
+        task = data.get_task(meta["task"])
+        ddir = data.resolve_data_dir(data_dir)
+        data.ensure_task(ddir, task)
+        tok_path = run / TOKENIZER_FILE
+        ids, labels = data.cached_encode(tok, tok_path, task, "train", data.read_split(ddir, task, "train"),
+                                         cfg["max_len"], run / "cache")
+        if cfg["max_train"]:
+            ids, labels = ids[: cfg["max_train"]], labels[: cfg["max_train"]]
+        batcher = data.BucketBatcher(ids, labels, cfg["batch_size"], shuffle=True, seed=cfg["seed"])  # finetune's
+        dynlora.freeze_gates(model, itertools.islice(batcher.epoch(0), CALIBRATION_BATCHES),
+                             pad_id=model.gpt.config.pad_id)
+    merged = dynlora.merge_and_unload(model)
+    out = Path(out_dir) if out_dir else run.with_name(run.name + "-merged")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    atomic_write_text(out / "config.json", (run / "config.json").read_text())
+    atomic_torch_save({"config": merged.gpt.config.to_dict(), "model": merged.state_dict(),
+                       **{k: meta[k] for k in ("task", "num_outputs", "tokenizer_sha256", "backbone")},
+                       "method": meta["method"], "merged_from": str(run)}, out / "model.pt")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1209,6 +1253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder written by finetune")
     p.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR, else ./data/glue)")
     p.add_argument("--backbone", default=None, help="backbone folder for adapter runs (default: the one trained with)")
+    p = sub.add_parser("export", help="merge an adapter run into a plain model.pt (gates frozen to their mean)")
+    p.add_argument("--run", required=True, help="adapter run folder written by finetune")
+    p.add_argument("--out-dir", default=None, help="folder to write (default: the run folder + '-merged')")
+    p.add_argument("--data-dir", default=None, help="GLUE folder, for a gated run's calibration batches "
+                                                    "(default: $GLUE_DIR, else ./data/glue)")
+    p.add_argument("--backbone", default=None, help="backbone folder (default: the one trained with)")
     sub.add_parser("report", help="render the README's result tables from results/")
     p = sub.add_parser("bench", help="speed and memory figures (writes results/bench.json)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
@@ -1233,6 +1283,10 @@ def main(argv=None):
         elif args.command == "eval":
             res = evaluate_run(args.run, args.data_dir, args.backbone)
             print(json.dumps(res, indent=2))
+        elif args.command == "export":
+            out = export_merged(args.run, args.out_dir, args.data_dir, args.backbone)
+            print(f"export: merged model written to {out / 'model.pt'}; score it with "
+                  f"`python train.py eval --run {out}`")
         elif args.command == "report":
             print(write_report())
         elif args.command == "bench":

@@ -243,6 +243,24 @@ def test_every_adapter_method_trains_saves_and_reloads(backbone, tmp_path, metho
         assert final["final_active_adapter_params"] == (4 * 64 + gate) * layers
 
 
+@pytest.mark.parametrize("method", ["alloc", "gate"])
+def test_export_writes_the_merged_model_the_run_scored(backbone, tmp_path, method):
+    extra = SCHEDULE if method == "alloc" else ["--lora-r", "4"]
+    code, message = cli(*finetune_args(backbone, tmp_path, "MRPC", method, *extra))
+    assert code == 0, message
+    run = tmp_path / "run"
+    code, message = cli("export", "--run", run, "--data-dir", FIXTURES)
+    assert code == 0, message
+    merged = tmp_path / "run-merged"
+    state = torch.load(merged / "model.pt", weights_only=True)["model"]
+    assert not any("lora" in key or "gate" in key or "mask" in key for key in state)   # a plain model
+    # The export is the model behind the run's merged_score (gates frozen on the same calibration batches).
+    final = json.loads((run / "final.json").read_text())
+    assert train.evaluate_run(merged, FIXTURES)["score"] == pytest.approx(final["merged_score"], abs=1e-12)
+    code, message = cli("export", "--run", merged)                # nothing left to merge: a clear error
+    assert code == 1 and "no adapter.pt" in message
+
+
 def test_lora_flags_reach_the_adapter_config(backbone, tmp_path):
     code, message = cli(*finetune_args(backbone, tmp_path, "RTE", "lora", "--lora-r", "2", "--lora-alpha", "4",
                                        "--lora-targets", "q_proj,k_proj,fc_in", "--use-rslora"))
