@@ -240,8 +240,8 @@ class LoRALinear(nn.Module):
             # constant (and dW = 0 anyway, since B = 0). c = gate_init = 1 opens the gates to 0.73, above the
             # 0.5 at which a component counts as used. Why not nearer 1: Adam moves a parameter by about the
             # learning rate per step whatever the size of its gradient, so a bias starting at c = 3 (0.95)
-            # needs ~3,000 steps at lr 1e-3 to reach 0, and a GLUE run here has 250-800 steps: the gates of
-            # our first grid (c = 3) never closed (mean effective rank 7.3-8.0 of 8 on MRPC, STS-B, RTE).
+            # needs ~3,000 steps at lr 1e-3 to reach 0, and a small-task GLUE run here has 250-800 steps: the
+            # gates of our first grid (c = 3) never closed (mean effective rank 7.3-8.0 of 8 on MRPC, STS-B, RTE).
             # At c = 1 the sigmoid's slope g (1 - g) = 0.20 is near its maximum 0.25 and a gate can close
             # within a run. (With c = 10 the slope would be 4.5e-5: the gate could not learn at all.)
             self.gate_weight = nn.Parameter(torch.zeros(r, r, **factory))
