@@ -784,7 +784,7 @@ def finetune(cfg: FinetuneConfig, adapter_overrides: dict | None = None, system:
                                               cfg.max_len, cache) for split in task.dev_files}
     if cfg.max_train:
         train_ids, train_labels = train_ids[: cfg.max_train], train_labels[: cfg.max_train]
-    train_batcher = data.BucketBatcher(train_ids, train_labels, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    train_batcher = make_train_batcher(train_ids, train_labels, cfg.batch_size, cfg.seed)
     dev_batchers = {split: data.BucketBatcher(ids, labels, 2 * cfg.batch_size, shuffle=False)
                     for split, (ids, labels) in dev_data.items()}
 
@@ -980,6 +980,12 @@ def sum_gate_statistics(stats: dynlora.GateStats, model: nn.Module, rt: runtime.
 CALIBRATION_BATCHES = 20     # training batches whose mean gate replaces a gated layer's gate for merging
 
 
+def make_train_batcher(ids, labels, batch_size: int, seed: int) -> data.BucketBatcher:
+    """The training batches of a run, shuffled by its seed: finetune trains on them, and export_merged
+    rebuilds them to freeze the gates on exactly the calibration batches finetune used."""
+    return data.BucketBatcher(ids, labels, batch_size, shuffle=True, seed=seed)
+
+
 def inference_forms(model: GPTClassifier, adapter_cfg, task: data.TaskSpec, dev_batchers: dict,
                     train_batcher, pad_id: int, out: Path, rt: runtime.Runtime | None = None) -> dict:
     """How an adapter model is deployed, and what that costs: the merged model's dev score, and for gated
@@ -1089,9 +1095,8 @@ def export_merged(run_dir: str, out_dir: str | None = None, data_dir: str | None
         tok_path = run / TOKENIZER_FILE
         ids, labels = data.cached_encode(tok, tok_path, task, "train", data.read_split(ddir, task, "train"),
                                          cfg["max_len"], run / "cache")
-        if cfg["max_train"]:
-            ids, labels = ids[: cfg["max_train"]], labels[: cfg["max_train"]]
-        batcher = data.BucketBatcher(ids, labels, cfg["batch_size"], shuffle=True, seed=cfg["seed"])  # finetune's
+        n = cfg["max_train"] or None
+        batcher = make_train_batcher(ids[:n], labels[:n], cfg["batch_size"], cfg["seed"])   # finetune's batches
         dynlora.freeze_gates(model, itertools.islice(batcher.epoch(0), CALIBRATION_BATCHES),
                              pad_id=model.gpt.config.pad_id)
     merged = dynlora.merge_and_unload(model)
@@ -1135,6 +1140,14 @@ TASK_ORDER = ["CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "W
 METHOD_ORDER = ["full", "lora", "alloc", "gate", "dynlora", "adalora"]
 
 
+def _count_range(values) -> str:
+    """'49,152', '49,537–49,922' (min–max over runs), or '—' when no run has the count (None)."""
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return "—"
+    return f"{values[0]:,}" if values[0] == values[-1] else f"{values[0]:,}–{values[-1]:,}"
+
+
 def render_report(results: list, bench: dict | None = None) -> str:
     """Markdown tables of the results: one per suite, methods x tasks, mean +- std over seeds.
 
@@ -1168,11 +1181,8 @@ def render_report(results: list, bench: dict | None = None) -> str:
                 sd = f" ± {np.std(scores, ddof=1):.1f}" if len(scores) > 1 else ""
                 cells.append(f"{np.mean(scores):.1f}{sd} (n={len(scores)})")
             avg = f"{np.mean(means):.1f}" if len(means) == len(tasks) else "—"
-            param_text = (f"{min(params):,}" if len(params) == 1 else f"{min(params):,}–{max(params):,}")
-            active = sorted(a for a in active if a is not None)
-            active_text = "—" if not active else f"{active[0]:,}" if len(active) == 1 else f"{active[0]:,}–{active[-1]:,}"
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} | {param_text} | {active_text} "
-                         f"| {np.mean(walls) / 60:.1f} |")
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} | {_count_range(params)} "
+                         f"| {_count_range(active)} | {np.mean(walls) / 60:.1f} |")
         gated = [m for m in methods
                  if any(r["method"] == m and r.get("mean_effective_rank") is not None for r in rows)]
         if gated:
