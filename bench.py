@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 import dynlora
+import runs
 from model import GPT, GPTClassifier, matmul_flops_per_token, preset, training_flops
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def matmul_flops_per_s(n: int, repeats: int) -> float:
@@ -134,7 +134,6 @@ def peak_training_memory(method: str, config, B: int, T: int, r: int) -> int:
 
 
 def run(quick: bool = False, out_path: Path | None = None) -> dict:
-    import train  # for machine_description / git_commit / atomic writes
     config = preset("nano") if quick else preset("cpu")
     B, T, r = (4, 16, 4) if quick else (32, 64, 8)
     rounds, per_round = (2, 1) if quick else (11, 3)
@@ -204,12 +203,10 @@ def run(quick: bool = False, out_path: Path | None = None) -> dict:
 
     for name, sec in timed.items():
         rows.append(dict(name=f"median step time {name} (ms)", value=f"{1000 * sec:.1f}"))
-    result = {"machine": train.machine_description(), "commit": train.git_commit(),
+    result = {"machine": runs.machine_description(), "commit": runs.git_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "quick": quick, "rows": rows}
     for row in rows:
         print(f"{row['name']:<62} {row['value']:>22}   {row.get('target', '')}")
     if not quick or out_path is not None:
-        out_path = out_path or RESULTS / "bench.json"
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        train.atomic_write_text(out_path, json.dumps(result, indent=2))
+        runs.atomic_write_text(out_path or runs.RESULTS_DIR / "bench.json", json.dumps(result, indent=2))
     return result

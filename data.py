@@ -11,7 +11,8 @@ What this file holds, in order:
   4. Tokenizer    -- a byte-level BPE trained on our own text, the classification input format
                      `text_a [<sep> text_b] <cls>`, an on-disk cache, and the token stream for pretraining.
   5. Batching     -- BucketBatcher (length-bucketed, right-padded classification batches) and LMBatcher
-                     (next-token windows), both deterministic per (seed, epoch) and shardable over ranks.
+                     (next-token windows), both deterministic per (seed, epoch): every process
+                     builds the same batches, and runtime.py shares out the work.
   6. Metrics      -- accuracy, F1, Matthews correlation, Pearson, Spearman with the GLUE definitions, and
                      the per-task and average GLUE scores.
 
@@ -541,9 +542,8 @@ def lm_stream(tok: Tokenizer, texts: list[str]) -> np.ndarray:
 # into batches and shuffle the batch order: batches are tight yet their order and content are random.
 # For evaluation, sort everything by length. Both are deterministic from (seed, epoch).
 #
-# Sharding over ranks (DDP): every rank builds the same batch list and takes batches rank, rank + W, ...
-# When training, the last (number of batches mod W) batches are dropped so every rank takes the same number
-# of steps; in evaluation nothing is dropped (the ranks' batch counts may then differ by one).
+# Several processes (DDP) build the same batches; runtime.split_batch shares out the rows of a training
+# batch and runtime.share the batches of an evaluation pass.
 
 CHUNK_BATCHES = 50
 
@@ -552,15 +552,13 @@ class BucketBatcher:
     """Length-bucketed, dynamically padded batches (right padding with PAD id 0)."""
 
     def __init__(self, ids: list[np.ndarray], labels: np.ndarray, batch_size: int, shuffle: bool,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0):
         if len(ids) != len(labels):
             raise DataError(f"BucketBatcher got {len(ids)} id sequences but {len(labels)} labels")
         if len(ids) == 0:
             raise DataError("BucketBatcher got no examples")
         if batch_size < 1:
             raise DataError(f"batch_size={batch_size} must be at least 1")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
         self.ids = ids
         labels = np.asarray(labels)
         self.labels = labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64)
@@ -568,21 +566,12 @@ class BucketBatcher:
         if self.lengths.min() == 0:
             raise DataError(f"example {int(self.lengths.argmin())} has no tokens; encode_examples always adds <cls>")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        if len(self) == 0:
-            raise DataError(f"{len(ids)} examples make {self._n_batches()} batches of {batch_size}, "
-                            f"too few for {world_size} ranks; lower batch_size")
-
-    def _n_batches(self) -> int:
-        return -(-len(self.ids) // self.batch_size)
 
     def __len__(self) -> int:
-        if self.shuffle:
-            return self._n_batches() // self.world_size
-        return len(range(self.rank, self._n_batches(), self.world_size))
+        return -(-len(self.ids) // self.batch_size)
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
-        """All batches of the epoch (before sharding), as arrays of example indices."""
+        """All batches of the epoch, as arrays of example indices."""
         bs = self.batch_size
         if not self.shuffle:
             order = np.argsort(self.lengths, kind="stable")
@@ -597,9 +586,8 @@ class BucketBatcher:
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's batches: idx (B, T) int64 right-padded with 0, labels (B,) int64 or float32."""
-        batches = self._batches(epoch)
-        for b in batches[self.rank::self.world_size][:len(self)]:
+        """The epoch's batches: idx (B, T) int64 right-padded with 0, labels (B,) int64 or float32."""
+        for b in self._batches(epoch):
             idx = np.zeros((len(b), self.lengths[b].max()), dtype=np.int64)
             for row, i in enumerate(b):
                 idx[row, :self.lengths[i]] = self.ids[i]
@@ -610,38 +598,33 @@ class BucketBatcher:
 # block_size, y the same shifted by one). Each epoch starts the windows at a random offset in
 # [0, block_size) and shuffles their order, so every token is seen about once per epoch and window borders
 # move between epochs. The number of windows, len(stream) // block_size - 1, fits every offset. The last
-# incomplete batch is dropped, and when sharding over W ranks so are the last (number of batches mod W).
+# incomplete batch is dropped.
 
 class LMBatcher:
     """Next-token batches (x, y), both (batch_size, block_size) int64, from a token stream."""
 
-    def __init__(self, stream: np.ndarray, block_size: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, stream: np.ndarray, block_size: int, batch_size: int, seed: int = 0):
         if block_size < 1 or batch_size < 1:
             raise DataError(f"block_size={block_size} and batch_size={batch_size} must be at least 1")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
         self.stream = np.asarray(stream)
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
-        self.rank, self.world_size = rank, world_size
         self.n_windows = max(len(self.stream) // block_size - 1, 0)
         if len(self) == 0:
             raise DataError(f"a stream of {len(self.stream)} tokens is too short for one batch of "
-                            f"{batch_size} x {block_size} tokens per rank over {world_size} ranks; "
+                            f"{batch_size} x {block_size} tokens; "
                             f"lower block_size or batch_size")
 
     def __len__(self) -> int:
-        return self.n_windows // self.batch_size // self.world_size
+        return self.n_windows // self.batch_size
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's batches of the epoch: x and y = x shifted by one token."""
+        """The epoch's batches: x and y = x shifted by one token."""
         rng = np.random.default_rng([self.seed, epoch])
         offset = int(rng.integers(self.block_size))
         starts = offset + self.block_size * rng.permutation(self.n_windows)
-        n_batches = len(self) * self.world_size
-        batches = starts[:n_batches * self.batch_size].reshape(n_batches, self.batch_size)
+        batches = starts[:len(self) * self.batch_size].reshape(len(self), self.batch_size)
         window = np.arange(self.block_size + 1)
-        for b in batches[self.rank::self.world_size]:
+        for b in batches:
             chunk = torch.from_numpy(self.stream[b[:, None] + window].astype(np.int64))
             yield chunk[:, :-1], chunk[:, 1:]
 

@@ -7,7 +7,7 @@ gpt2.py -- OpenAI's GPT-2 weights, from a local Hugging Face folder, as a backbo
 
 The folder is what the Hugging Face hub serves for "gpt2" (and distilgpt2, gpt2-medium, ...): config.json,
 the weights in model.safetensors or pytorch_model.bin, and tokenizer.json. The output is what
-train.load_backbone reads: backbone.pt (our GPTConfig and state dict) and tokenizer.json.
+runs.load_backbone reads: backbone.pt (our GPTConfig and state dict) and tokenizer.json.
 
 What this file holds, in order:
   1. Reading the files  -- config.json, a small reader of the .safetensors format (no extra package), or
@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 
 import data
+import runs
 from model import GPT, GPTConfig
 
 EOT = "<|endoftext|>"
@@ -270,7 +271,6 @@ def convert_tokenizer(path: Path) -> tuple[str, list[int]]:
 
 def import_gpt2(gpt2_dir, out_dir) -> Path:
     """Convert a Hugging Face GPT-2 folder into a backbone folder (backbone.pt, tokenizer.json, config.json)."""
-    import train                                    # its atomic writes, file hashes and file names
     folder, out = Path(gpt2_dir), Path(out_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"--gpt2-dir {folder}: no such folder; download GPT-2 first (see gpt2.py)")
@@ -282,13 +282,11 @@ def import_gpt2(gpt2_dir, out_dir) -> Path:
     model = GPT(config)
     model.load_state_dict(state)                    # every key present, every shape right: checked above
     out.mkdir(parents=True, exist_ok=True)
-    tok_path = out / train.TOKENIZER_FILE
-    train.atomic_write_text(tok_path, tok_text)
+    tok_path = out / runs.TOKENIZER_FILE
+    runs.atomic_write_text(tok_path, tok_text)
     data.load_tokenizer(tok_path)                   # checks the four special ids
-    train.atomic_torch_save({"config": config.to_dict(), "model": model.state_dict(),
-                             "tokenizer_sha256": train.file_sha256(tok_path), "source": str(folder)},
-                            out / train.BACKBONE_FILE)
-    train.atomic_write_text(out / "config.json", json.dumps({"model": config.to_dict(), "gpt2": str(folder)}, indent=2))
+    runs.save_backbone(out, config, model.state_dict(), {"model": config.to_dict(), "gpt2": str(folder)},
+                       source=str(folder))
     print(f"import-gpt2: {model.num_params():,} parameters ({config.n_layer} blocks, width {config.n_embd}, "
-          f"{config.vocab_size} tokens) from {weights_path} -> {out / train.BACKBONE_FILE}")
+          f"{config.vocab_size} tokens) from {weights_path} -> {out / runs.BACKBONE_FILE}")
     return out

@@ -17,8 +17,9 @@ What this file holds, in order:
   2. Processes             -- start() reads the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
                               MASTER_ADDR, MASTER_PORT) and joins the process group (gloo on CPU, nccl on
                               CUDA) with a timeout; the Runtime's collectives (barrier, sums, gathers).
-  3. The global batch      -- split_batch: the rows of one global batch that this rank computes, in each
-                              gradient-accumulation micro-step.
+  3. Sharing the work      -- split_batch: the rows of one global batch that this rank computes, in each
+                              gradient-accumulation micro-step (training); share: the whole batches this
+                              rank scores (evaluation).
   4. Wrapping the model    -- wrap (torch.compile, DistributedDataParallel), unwrap, no_sync.
 
 Data parallelism in one paragraph. Every process (rank) holds the whole model and the same batch list.
@@ -32,7 +33,9 @@ same optimizer step and stays bit-identical to the others without further commun
 """
 
 import contextlib
+import itertools
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -224,8 +227,19 @@ def finish():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. The global batch
+# 3. Sharing the work
+#
+# Every rank builds the same batches (the batchers are deterministic functions of seed and epoch). Training
+# cuts each global batch into rows per rank and micro-step (split_batch), so that every rank takes the same
+# optimizer steps; evaluation hands out whole batches, every world_size-th one to each rank (share), and the
+# results are gathered. These are the only two ways work is divided between processes.
 # ---------------------------------------------------------------------------------------------------------
+
+def share(batches: Iterable, rt: "Runtime") -> Iterator:
+    """This rank's share of an evaluation pass: batches rt.rank, rt.rank + W, rt.rank + 2W, ... (W processes).
+    Together the ranks cover every batch exactly once."""
+    return itertools.islice(batches, rt.rank, None, rt.world_size)
+
 
 def split_batch(n_rows: int, rank: int, world_size: int, grad_accum: int) -> list[tuple[torch.Tensor, float]]:
     """This rank's micro-batches of a global batch of n_rows rows: [(row indices, loss weight)] x grad_accum.

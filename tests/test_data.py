@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import data                                               # tests/conftest.py puts the repo on sys.path
+import runtime
 from data import DataError, Example
 
 REPO = Path(__file__).resolve().parents[1]
@@ -540,29 +541,30 @@ def test_bucket_batcher_deterministic_per_seed_and_epoch():
     assert order(0, 0) != order(1, 0)
 
 
-def test_bucket_batcher_shards_are_disjoint_and_equal():
-    ids = random_ids(n=330)                                # 21 batches of 16 -> 7 per rank for 3 ranks
-    shards = []
-    for rank in range(3):
-        batcher = data.BucketBatcher(ids, np.arange(len(ids)), 16, shuffle=True, seed=5, rank=rank, world_size=3)
-        batches = [y.tolist() for _, y in batcher.epoch(2)]
-        assert len(batches) == len(batcher) == 7
-        shards.append({i for b in batches for i in b})
-    assert not (shards[0] & shards[1]) and not (shards[0] & shards[2]) and not (shards[1] & shards[2])
+def ranks(world_size: int) -> list:
+    """The Runtime of each of world_size processes (no process group needed: runtime.share only reads them)."""
+    return [runtime.Runtime(torch.device("cpu"), "fp32", rank, world_size) for rank in range(world_size)]
 
 
-def test_bucket_batcher_eval_sorted_and_complete_over_ranks():
+def test_training_batches_are_the_same_for_every_process():
+    ids = random_ids(n=330)                                # 21 batches of 16: every process builds all 21
+    batchers = [data.BucketBatcher(ids, np.arange(len(ids)), 16, shuffle=True, seed=5) for _ in range(3)]
+    epochs = [[y.tolist() for _, y in b.epoch(2)] for b in batchers]
+    assert len(epochs[0]) == len(batchers[0]) == 21 and epochs[0] == epochs[1] == epochs[2]
+
+
+def test_eval_batches_are_sorted_and_shared_completely_over_ranks():
     ids = random_ids(n=100)
     lengths = np.array([len(x) for x in ids])
-    seen = []
-    for rank in range(3):
-        batcher = data.BucketBatcher(ids, np.arange(100), 16, shuffle=False, rank=rank, world_size=3)
-        batches = [y.numpy() for _, y in batcher.epoch(0)]
-        assert len(batches) == len(batcher)
+    batcher = data.BucketBatcher(ids, np.arange(100), 16, shuffle=False)
+    seen, counts = [], []
+    for rt in ranks(3):
+        batches = [y.numpy() for _, y in runtime.share(batcher.epoch(0), rt)]
+        counts.append(len(batches))
         seen += [i for b in batches for i in b]
-    assert len(seen) == 100 and set(seen) == set(range(100))   # 7 batches over 3 ranks: 3, 2, 2
-    batches = [y.numpy() for _, y in data.BucketBatcher(ids, np.arange(100), 16, shuffle=False).epoch(0)]
-    flat = np.concatenate(batches)
+    assert counts == [3, 2, 2]                             # 7 batches over 3 ranks
+    assert len(seen) == 100 and set(seen) == set(range(100))
+    flat = np.concatenate([y.numpy() for _, y in batcher.epoch(0)])
     assert np.all(np.diff(lengths[flat]) >= 0)             # sorted by length
 
 
@@ -572,8 +574,6 @@ def test_bucket_batcher_regression_labels_and_errors():
     assert y.dtype == torch.float32
     with pytest.raises(DataError, match=r"BucketBatcher got 10 id sequences but 9 labels"):
         data.BucketBatcher(ids, np.zeros(9), 4, shuffle=True)
-    with pytest.raises(DataError, match=r"too few for 4 ranks"):
-        data.BucketBatcher(ids, np.zeros(10), 4, shuffle=True, rank=0, world_size=4)
 
 
 def test_lm_batcher_windows():
@@ -595,11 +595,11 @@ def test_lm_batcher_windows():
     assert again != [x.tolist() for x, _ in batcher.epoch(1)]
 
 
-def test_lm_batcher_shards_and_short_stream():
+def test_lm_batches_shared_over_ranks_and_short_stream():
     stream = np.arange(1000, dtype=np.int32)
-    shards = [{tuple(r) for x, _ in data.LMBatcher(stream, 8, 4, seed=1, rank=r, world_size=2).epoch(0)
-               for r in x.tolist()} for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 15 * 4 and not shards[0] & shards[1]
+    batcher = data.LMBatcher(stream, 8, 4, seed=1)         # 31 batches of 4 windows
+    shards = [{tuple(r) for x, _ in runtime.share(batcher.epoch(0), rt) for r in x.tolist()} for rt in ranks(2)]
+    assert len(shards[0]) == 16 * 4 and len(shards[1]) == 15 * 4 and not shards[0] & shards[1]
     with pytest.raises(DataError, match=r"a stream of 20 tokens is too short for one batch of 4 x 8 tokens"):
         data.LMBatcher(np.arange(20), block_size=8, batch_size=4)
 

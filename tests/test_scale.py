@@ -19,34 +19,16 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import gpt2
+import runs
 import runtime
 import train
-from test_train import cli          # the in-process command line, shared with test_train.py
+from model import GPT, GPTClassifier, preset
+from conftest import FIXTURES, NANO, cli
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures" / "glue"
-NANO = ["--preset", "nano", "--batch-size", "4", "--block-size", "32", "--vocab-size", "300", "--max-steps", "15",
-        "--warmup-steps", "2", "--eval-every", "5", "--threads", "1"]
 SCHEDULE = ["--t-init", "1", "--t-final", "1", "--delta-t", "1", "--lora-r", "4", "--target-r", "2"]
 # Fields of final.json that describe the attempt rather than the result.
 VOLATILE = {"wall_s", "tokens_per_s", "date", "run_dir", "resumed", "run_id", "machine", "commit"}
-
-
-@pytest.fixture(autouse=True)
-def offline_and_threads(monkeypatch):
-    """No network (downloads go to a closed port); the thread count is restored after a --threads 1 run."""
-    monkeypatch.setenv("GLUE_BASE_URL", "http://127.0.0.1:9")
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    out = tmp_path_factory.mktemp("backbone")
-    code, message = cli("pretrain", "--out-dir", out, "--data-dir", FIXTURES, *NANO)
-    assert code == 0, message
-    return out
 
 
 def finetune_args(backbone, run, method="dynlora", task="SST-2", epochs=2, *extra):
@@ -175,13 +157,16 @@ def test_resume_refuses_other_settings_a_finished_run_and_a_missing_checkpoint(b
     code, message = cli(*args)
     assert code == 0, message
     code, message = cli(*args, "--lr", "0.005", "--resume")
-    assert code == 1 and "--lr 0.0 then, 0.005 now" in message and "config.json" in message
+    # The learning rate in effect is compared: --lr 0 meant the method's default, 1e-3.
+    assert code == 1 and "--lr 0.001 then, 0.005 now" in message and "config.json" in message
     code, message = cli(*finetune_args(backbone, tmp_path, "lora", "RTE", 1), "--resume")
     assert code == 1 and "--task 'SST-2' then, 'RTE' now" in message
     code, message = cli(*args, "--lora-r", "2", "--resume")
     assert code == 1 and "--lora-r 8 then, 2 now" in message
     # Same settings, but the run is complete: nothing to do, nothing appended twice.
     code, message = cli(*args, "--resume")
+    assert code == 1 and "has finished" in message
+    code, message = cli(*args, "--lr", "0.001", "--resume")        # the default, given explicitly: the same run
     assert code == 1 and "has finished" in message
     assert len(lines(tmp_path / "results" / "finetune.jsonl")) == 1
 
@@ -224,8 +209,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(backbone, tmp_path
 
 def test_results_line_is_appended_once_per_run(tmp_path):
     for _ in range(2):
-        train.append_result({"task": "RTE", "run_id": "abc"}, tmp_path)
-    train.append_result({"task": "RTE", "run_id": "def"}, tmp_path)
+        runs.append_result({"task": "RTE", "run_id": "abc"}, tmp_path)
+    runs.append_result({"task": "RTE", "run_id": "def"}, tmp_path)
     assert [r["run_id"] for r in lines(tmp_path / "finetune.jsonl")] == ["abc", "def"]
 
 
@@ -287,7 +272,7 @@ def test_compiled_training_saves_clean_keys_and_matches_eager(backbone, tmp_path
     """torch.compile with the "eager" backend: TorchDynamo captures the graphs (the gates' side effects, the
     masked LoRA forward) and runs them without generating kernels, which keeps the test fast; the generated
     kernels themselves (the default "inductor" backend) are exercised on a GPU machine."""
-    model = train.GPTClassifier(train.gptmodel.preset("nano"), 2)
+    model = GPTClassifier(preset("nano"), 2)
     compiled = torch.compile(model)
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())      # what saving it would give
     assert runtime.unwrap(compiled) is model
@@ -524,7 +509,7 @@ def test_imported_gpt2_computes_gpt2s_logits(tmp_path, weights):
     folder, sd, hf_tok = gpt2_folder(tmp_path / "gpt2", weights)
     code, message = cli("import-gpt2", "--gpt2-dir", folder, "--out-dir", tmp_path / "backbone")
     assert code == 0, message
-    config, state, tok, _ = train.load_backbone(tmp_path / "backbone")
+    config, state, tok, _ = runs.load_backbone(tmp_path / "backbone")
     V = hf_tok.get_vocab_size()
     assert config.vocab_size == V + 3 and config.block_size == 64 and config.n_head == 2 and config.pad_id == 0
     # The same text gives GPT-2's tokens, renumbered: ordinary ids + 4, <|endoftext|> (GPT-2's last id) -> 3.
@@ -533,7 +518,7 @@ def test_imported_gpt2_computes_gpt2s_logits(tmp_path, weights):
     assert tok.encode(text, add_special_tokens=False).ids == [t + 4 for t in hf_ids]
     hf_ids = torch.tensor([hf_ids + [V - 1] + hf_ids[:3]])                       # (1, T), <|endoftext|> inside
     ids = torch.where(hf_ids == V - 1, 3, hf_ids + 4)
-    model = train.GPT(config)
+    model = GPT(config)
     model.load_state_dict(state)
     ours = model(ids)[0]                                                          # (1, T, V + 3)
     reference = gpt2_reference_logits(sd, 2, hf_ids)                              # (1, T, V)
@@ -550,7 +535,7 @@ def test_an_imported_gpt2_fine_tunes_and_pretrains(tmp_path):
                         "--data-dir", FIXTURES, "--tasks", "SST-2", "--batch-size", "2", "--block-size", "16",
                         "--max-steps", "3", "--warmup-steps", "1", "--threads", "1")
     assert code == 0, message
-    assert train.load_backbone(tmp_path / "more")[0] == train.load_backbone(tmp_path / "backbone")[0]   # same shape
+    assert runs.load_backbone(tmp_path / "more")[0] == runs.load_backbone(tmp_path / "backbone")[0]   # same shape
     code, message = cli("pretrain", "--init", tmp_path / "backbone", "--out-dir", tmp_path / "long",
                         "--data-dir", FIXTURES, "--block-size", "128")
     assert code == 1 and "--block-size 128 exceeds the block_size 64" in message

@@ -7,34 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import report
+import runs
 import train
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "glue"
-NANO = ["--preset", "nano", "--batch-size", "4", "--block-size", "32", "--vocab-size", "300", "--max-steps", "15",
-        "--warmup-steps", "2", "--eval-every", "5"]
-
-
-def cli(*argv):
-    """Run train.py's command line in this process; returns (exit code, stderr-like message)."""
-    try:
-        train.main([str(a) for a in argv])
-    except SystemExit as stop:
-        return (0 if stop.code in (None, 0) else 1), str(stop.code)
-    return 0, ""
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    out = tmp_path_factory.mktemp("backbone")
-    code, message = cli("pretrain", "--out-dir", out, "--data-dir", FIXTURES, *NANO)
-    assert code == 0, message
-    return out
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """No test may reach the network: downloads go to a closed local port."""
-    monkeypatch.setenv("GLUE_BASE_URL", "http://127.0.0.1:9")
+from conftest import FIXTURES, NANO, cli
 
 
 def finetune_args(backbone, tmp_path, task="RTE", method="full", *extra):
@@ -49,7 +26,7 @@ def test_pretrain_writes_a_reusable_backbone(backbone):
     log = [json.loads(line) for line in (backbone / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 15 and log[0]["step"] == 1
     assert log[-1]["train_loss"] < log[0]["train_loss"]               # it learned something
-    config, state, tok, _ = train.load_backbone(backbone)
+    config, state, tok, _ = runs.load_backbone(backbone)
     assert config.vocab_size == tok.get_vocab_size() and config.n_embd == 32
 
 
@@ -96,8 +73,8 @@ def test_report_renders_means_and_spreads_into_the_readme(tmp_path):
     results.mkdir()
     (results / "finetune.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{train.README_START}\nold table\n{train.README_END}\nend\n")
-    train.write_report(readme, results)
+    readme.write_text(f"intro\n{report.README_START}\nold table\n{report.README_END}\nend\n")
+    report.write_report(readme, results)
     text = readme.read_text()
     assert "old table" not in text and text.startswith("intro") and text.endswith("end\n")
     # mean of 50, 60, 70 is 60.0; sample std is 10.0
@@ -106,7 +83,7 @@ def test_report_renders_means_and_spreads_into_the_readme(tmp_path):
     assert "| gate | 2.5 |" in text                 # the gated methods' mean effective rank, mean over seeds
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
-        train.write_report(readme, results)
+        report.write_report(readme, results)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,4 +267,4 @@ def test_bench_quick_runs_every_figure(tmp_path):
     assert any("inference merged lora / base" in n for n in names)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["rows"] == result["rows"] and saved["quick"] is True
-    assert "Benchmark" in train.render_bench(saved)
+    assert "Benchmark" in report.render_bench(saved)
