@@ -8,13 +8,18 @@ claims they cost "only 0.1% more resources than standard LoRA", but it gives no 
 each mechanism concrete, borrows the form from the nearest published method, and says which choices are
 ours.
 
+In order, the file holds:
+
+  Methods.   The method table METHODS (lora / alloc / gate / dynlora / adalora), AdapterConfig (every
+             setting of every method) and config_for_method, which builds the one from the other.
   Chapter 1. LoRA (Hu et al. 2021), complete as people use it: the adapted layer, merging, applying adapters
              to a GPT by name, freezing, adapter-only files.
   Chapter 2. Input-driven rank gating -- the "input feature-based adaptive strategy": a per-token gate on
              each of the r rank components (nearest relatives: SoRA's gate, SMoRA's per-token rank routing).
+             The gate is one module, RankGate; a new gate is a new module passed to apply_lora.
   Chapter 3. Importance-based rank allocation -- the "adaptive weight allocation": a global budget of rank
-             components that moves between layers according to a smoothed sensitivity score (AdaLoRA's).
-             Also the method table of the ablation grid (lora / alloc / gate / dynlora / adalora).
+             components that moves between layers according to a smoothed sensitivity score (AdaLoRA's),
+             computed by one function, importance_score.
 
 Notation used throughout. A layer maps x in R^{d_in} to h in R^{d_out}; W0 (d_out x d_in) and b are the
 frozen pretrained weight and bias; A (r x d_in) and B (d_out x r) are the adapter; z = A x in R^r are the
@@ -40,6 +45,7 @@ import math
 import os
 import tempfile
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 
@@ -48,15 +54,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# The nn.Linear layers of model.py that can be adapted, by their attribute name in a block.
-ADAPTABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out")
+# The nn.Linear layers of model.py that can be adapted, by their attribute name in a block: attention's four
+# projections, the GELU MLP's two and the SwiGLU MLP's three (Llama's names).
+ADAPTABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out", "gate_proj", "up_proj", "down_proj")
 
-ADAPTER_FORMAT = "dynlora-adapter/1"   # written into every adapter file, checked on load
+ADAPTER_FORMAT = "dynlora-adapter/2"   # written into every adapter file, checked on load
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The configuration: one dataclass for every method (train.py turns each field into a --flag)
+# The methods and their configuration (train.py turns each config field into a --flag)
 # ---------------------------------------------------------------------------------------------------------
+#
+# Every method shares the same rank and budget settings (r is the initial rank, target_r the final average);
+# only these three switches differ. "gate" keeps rank r everywhere and lets each token choose; "alloc"
+# moves a shrinking budget between layers; "dynlora" does both -- the paper's method as we read it;
+# "adalora" is the published baseline for allocation (svd form, orthogonality penalty, no gate).
+
+METHODS = {
+    "lora":    dict(form="plain", allocation=False, gating=False),   # static LoRA (Hu et al. 2021)
+    "alloc":   dict(form="plain", allocation=True,  gating=False),   # importance-based allocation only
+    "gate":    dict(form="plain", allocation=False, gating=True),    # input-driven gating only
+    "dynlora": dict(form="plain", allocation=True,  gating=True),    # both: "dynamic LoRA"
+    "adalora": dict(form="svd",   allocation=True,  gating=False),   # AdaLoRA (Zhang et al. 2023)
+}
+
 
 @dataclass
 class AdapterConfig:
@@ -71,7 +92,7 @@ class AdapterConfig:
     r: int = 8                            # rank of each adapter (the initial rank when allocating)
     alpha: float = 16.0                   # scale numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)
     dropout: float = 0.0                  # dropout on the adapter's input (the frozen path sees the plain x)
-    targets: tuple = ("q_proj", "v_proj")  # projections adapted in each block: q_proj k_proj v_proj o_proj fc_in fc_out
+    targets: tuple = ("q_proj", "v_proj")  # per block: q/k/v/o_proj (attention), fc_in/fc_out or gate/up/down_proj (MLP)
     use_rslora: bool = False              # rank-stabilised scale s = alpha / sqrt(r) (Kalajdzievski 2023)
     bias: str = "none"                    # biases that train: none | all | lora_only (of adapted layers)
     modules_to_save: tuple = ("head",)    # modules trained in full and stored in the adapter file
@@ -144,11 +165,23 @@ class AdapterConfig:
         return cls(**d)
 
 
-# Flag names for train.py's argparse generator: the five LoRA fields whose bare names would be ambiguous next
-# to the fine-tuning flags get a "lora-" prefix (--lora-r, --lora-alpha, --lora-dropout, --lora-targets,
-# --lora-bias); every other field keeps its name (--target-r, --gate-penalty, ...).
-FLAG_NAMES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_targets",
-              "bias": "lora_bias"}
+def config_for_method(name: str, **overrides) -> AdapterConfig:
+    """An AdapterConfig for one of METHODS, with any other fields overridden (e.g. r=16, target_r=8).
+
+    The method's own switches (form, allocation, gating) may be passed only with the method's value.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown adapter method {name!r}; choose one of {list(METHODS)}")
+    preset = METHODS[name]
+    clash = {k: v for k, v in overrides.items() if k in preset and v != preset[k]}
+    if clash:
+        raise ValueError(f"method {name!r} sets {', '.join(f'{k}={preset[k]!r}' for k in clash)}; {clash} would make "
+                         f"it another method -- choose that method by name instead")
+    known = {f.name for f in fields(AdapterConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown adapter option(s) {unknown}; known options are {sorted(known)}")
+    return AdapterConfig(**{**overrides, **preset})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,12 +201,13 @@ FLAG_NAMES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "
 #     h = W0 x + b + s * B diag(c * g(x)) A x,
 #
 # where c in R^r is static (the allocation mask m, times lambda in AdaLoRA's form, times a frozen gate) and
-# g(x) in [0,1]^r is the per-token gate. Plain LoRA has neither, and its forward pass contains no extra op.
+# g(x) in [0,1]^r is the per-token gate, computed by a separate module (chapter 2's RankGate, which apply_lora
+# builds and hands to the layer). Plain LoRA has neither, and its forward pass contains no extra op.
 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear (`self.base`) plus a low-rank update: h = W0 x + b + s * B diag(c * g(x)) A dropout(x).
 
-    Plain LoRA (form="plain", masked=False, gated=False) is h = W0 x + b + s * B A dropout(x), with
+    Plain LoRA (form="plain", masked=False, gate=None) is h = W0 x + b + s * B A dropout(x), with
 
       - A (r x d_in) ~ Kaiming-uniform(a = sqrt(5)), i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)): nn.Linear's own
         default, which keeps each z_i = A_i x of the same size whatever d_in is. A must be random: the
@@ -191,16 +225,16 @@ class LoRALinear(nn.Module):
     The dynamic parts (chapters 2 and 3), present only when asked for:
       - form="svd" (AdaLoRA): a vector lambda (`lora_E`, peft's name) with dW = s B diag(lambda) A.
       - masked=True: a 0/1 buffer `mask` m; rank component i is switched off by m_i = 0.
-      - gated=True: the per-token gate g(x) = sigmoid(W_g z + c_g) (`gate_weight`, `gate_bias`), or, after
-        freeze_gate(), the static vector `frozen_gate`.
+      - gate: a module (`self.gate`, None when not gated) mapping z = A x (..., r) to per-token gates
+        g(x) (..., r) -- RankGate of chapter 2, or any module with its interface. Once frozen, its static
+        vector `gate.frozen_mean` joins the coefficients c instead.
 
     merge() / unmerge() fold the update into W0 and back; they must be called explicitly (nothing happens
     in train() or eval()).
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 form: str = "plain", masked: bool = False, gated: bool = False, gate_init: float = 1.0,
-                 name: str = ""):
+                 form: str = "plain", masked: bool = False, gate: nn.Module | None = None, name: str = ""):
         super().__init__()
         d_in, d_out = base.in_features, base.out_features
         label = name or "layer"
@@ -211,11 +245,13 @@ class LoRALinear(nn.Module):
                              f"so B A would not be low-rank; use r <= {min(d_in, d_out)}")
         if form not in ("plain", "svd"):
             raise ValueError(f"{label}: form must be plain | svd, got {form!r}")
+        if gate is not None and getattr(gate, "r", r) != r:
+            raise ValueError(f"{label}: the gate has rank {gate.r} but the layer has rank r={r}")
         self.name = name
         self.base = base
         self.base.requires_grad_(False)
         self.d_in, self.d_out, self.r = d_in, d_out, r
-        self.form, self.masked, self.gated = form, masked, gated
+        self.form, self.masked = form, masked
         # s uses the initial rank and never changes, also when allocation switches components off: the
         # surviving components keep the scale they were trained with (AdaLoRA does the same).
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -235,42 +271,24 @@ class LoRALinear(nn.Module):
         if masked:
             # All components start active; RankAllocator rewrites the mask. Persistent: saved with the adapter.
             self.register_buffer("mask", torch.ones(r, **factory))
-        if gated:
-            # W_g = 0: at the start every token gets the same gate sigmoid(c), so the layer is LoRA times a
-            # constant (and dW = 0 anyway, since B = 0). c = gate_init = 1 opens the gates to 0.73, above the
-            # 0.5 at which a component counts as used. Why not nearer 1: Adam moves a parameter by about the
-            # learning rate per step whatever the size of its gradient, so a bias starting at c = 3 (0.95)
-            # needs ~3,000 steps at lr 1e-3 to reach 0, and a small-task GLUE run here has 250-800 steps: the
-            # gates of our first grid (c = 3) never closed (mean effective rank 7.3-8.0 of 8 on MRPC, STS-B, RTE).
-            # At c = 1 the sigmoid's slope g (1 - g) = 0.20 is near its maximum 0.25 and a gate can close
-            # within a run. (With c = 10 the slope would be 4.5e-5: the gate could not learn at all.)
-            self.gate_weight = nn.Parameter(torch.zeros(r, r, **factory))
-            self.gate_bias = nn.Parameter(torch.full((r,), float(gate_init), **factory))
-            self.register_buffer("frozen_gate", torch.ones(r, **factory))
-            self.register_buffer("gate_frozen", torch.tensor(False, device=base.weight.device))
-            # The buffer is what gets saved; this Python copy is what forward() reads (no device sync).
-            self.register_load_state_dict_post_hook(LoRALinear._after_load)
-        self.gate_is_frozen = False
+        self.gate = gate                                     # a submodule: its tensors are saved as gate.*
         self.merged = False
-        # Written by every forward pass of a gated layer (see _record_gates); read by regularization_loss.
-        self.last_gate_mean = None
-        # Set by the gate_statistics() context manager while it is active: (GateStats, layer name).
-        self.gate_recorder = None
 
     # -- the forward pass --------------------------------------------------------------------------------
 
     def static_coefficients(self) -> torch.Tensor | None:
         """The input-independent r-vector c of dW = s B diag(c) A: m, lambda, a frozen gate, or their product.
 
-        None for plain LoRA (and for an unmasked gated layer), whose forward pass then has no extra op.
+        None for plain LoRA (and for an unmasked layer with a live gate), whose forward pass then has no
+        extra op.
         """
         coef = None
         if self.form == "svd":
             coef = self.lora_E
         if self.masked:
             coef = self.mask if coef is None else coef * self.mask
-        if self.gated and self.gate_is_frozen:
-            coef = self.frozen_gate if coef is None else coef * self.frozen_gate
+        if self.gate is not None and self.gate.is_frozen:
+            coef = self.gate.frozen_mean if coef is None else coef * self.gate.frozen_mean
         return coef
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,10 +303,8 @@ class LoRALinear(nn.Module):
             # (also as an input of the gate).
             A = A * coef[:, None]                            # (r, d_in) * (r, 1) -> (r, d_in)
         z = F.linear(self.dropout(x), A)                     # (..., d_in) @ (d_in, r) -> (..., r)
-        if self.gated and not self.gate_is_frozen:
-            g = torch.sigmoid(F.linear(z, self.gate_weight, self.gate_bias))  # (..., r) @ (r, r) -> (..., r)
-            self._record_gates(g)
-            z = z * g                                        # (..., r): component i scaled by its gate
+        if self.gate is not None and not self.gate.is_frozen:
+            z = z * self.gate(z, self.mask if self.masked else None)  # (..., r) * (..., r): z_i scaled by g_i(x)
         # out + s * z B^T as a single GEMM (addmm with beta = 1, alpha = s): the adapter adds no separate
         # scaling or addition pass over the (..., d_out) output.
         out2d = out.reshape(-1, self.d_out)                  # (..., d_out) -> (N, d_out), a view
@@ -300,7 +316,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The update dW = s B diag(c) A as a (d_out x d_in) matrix (for merging; not used in forward)."""
-        if self.gated and not self.gate_is_frozen:
+        if self.gate is not None and not self.gate.is_frozen:
             raise RuntimeError(f"{self.name or 'layer'}: a gated layer's update s B diag(g(x)) A depends on the "
                                f"input x, so it has no single weight to merge; call freeze_gates(model, batches) "
                                f"first to replace each gate by its average")
@@ -332,47 +348,7 @@ class LoRALinear(nn.Module):
         self.base.weight -= self.delta_weight()
         self.merged = False
 
-    # -- helpers for chapters 2 and 3 ----------------------------------------------------------------------
-
-    def _record_gates(self, g: torch.Tensor):
-        """Store what the gate penalty and gate statistics need from this forward pass.
-
-        `last_gate_mean` = mean over positions and components of m * g (m = 1 without allocation), a 0-d
-        tensor attached to the autograd graph; regularization_loss() reads and clears it. Each forward pass
-        overwrites it, so call regularization_loss after each forward pass whose loss you backpropagate.
-        """
-        per_component = g.reshape(-1, self.r).mean(0)       # (..., r) -> (N, r) -> (r,)
-        if self.masked:
-            # A switched-off component does nothing, so its gate is neither penalised nor counted.
-            self.last_gate_mean = (per_component * self.mask).sum() / self.r
-        else:
-            self.last_gate_mean = per_component.mean()
-        if self.gate_recorder is not None:
-            stats, name = self.gate_recorder
-            stats.add(name, g.detach(), self.mask if self.masked else None)
-
-    @torch.no_grad()
-    def freeze_gate(self, mean_gate: torch.Tensor):
-        """Replace the input-driven gate by the static vector mean_gate (r,): dW becomes s B diag(m * g_bar) A."""
-        if not self.gated:
-            raise RuntimeError(f"{self.name or 'layer'} has no gate to freeze")
-        self.frozen_gate.copy_(mean_gate)
-        self.gate_frozen.fill_(True)
-        self.gate_is_frozen = True
-        self.gate_weight.requires_grad_(False)   # no longer used by forward
-        self.gate_bias.requires_grad_(False)
-        self.last_gate_mean = None
-
-    @staticmethod
-    def _after_load(module: "LoRALinear", incompatible_keys):
-        """After load_state_dict: copy the saved gate_frozen buffer into the Python flag forward() reads."""
-        module._sync_gate_flag()
-
-    def _sync_gate_flag(self):
-        self.gate_is_frozen = bool(self.gate_frozen)
-        if self.gate_is_frozen:
-            self.gate_weight.requires_grad_(False)
-            self.gate_bias.requires_grad_(False)
+    # -- helpers for chapter 3 ----------------------------------------------------------------------------
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """AdaLoRA's regulariser (||A A^T - I||_F^2 + ||B^T B - I||_F^2) / r, over all r components.
@@ -397,8 +373,6 @@ class LoRALinear(nn.Module):
             parts.append("form=svd")
         if self.masked:
             parts.append("masked")
-        if self.gated:
-            parts.append("gated (frozen)" if self.gate_is_frozen else "gated")
         if self.merged:
             parts.append("merged")
         return ", ".join(parts)
@@ -429,13 +403,16 @@ def _is_trained_bias(plain_name: str, config: AdapterConfig) -> bool:
     return config.bias == "all" or (config.bias == "lora_only" and len(parts) > 1 and parts[-2] in config.targets)
 
 
-def apply_lora(model: nn.Module, config: AdapterConfig) -> nn.Module:
+def apply_lora(model: nn.Module, config: AdapterConfig, gate_class: type[nn.Module] | None = None) -> nn.Module:
     """Wrap the target projections of every block in LoRALinear and freeze everything else (in place).
 
     Trainable afterwards: the adapters (A, B, and lambda / gate parameters where the method has them), the
     modules named in config.modules_to_save (the classification head: it is new, so it must train), and the
     biases selected by config.bias. Returns the model; count_parameters(model) gives (trainable, total).
     The config is kept as model.adapter_config (regularization_loss and save_adapter read it).
+
+    With config.gating, each layer gets its own gate, gate_class(r, config.gate_init, device=, dtype=):
+    RankGate (chapter 2) unless another gate module is given.
     """
     if adapter_layers(model):
         raise ValueError("this model already has adapters; apply_lora expects the plain backbone")
@@ -449,17 +426,22 @@ def apply_lora(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if absent:
         raise ValueError(f"modules_to_save: no module named {absent} in {type(model).__name__}; for a language "
                          f"model without a new head use modules_to_save=()")
+    gate_class = gate_class or RankGate                      # chapter 2's class, looked up at call time
     for p in model.parameters():
         p.requires_grad_(False)
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        gate = None
+        if config.gating:
+            gate = gate_class(config.r, config.gate_init, device=linear.weight.device, dtype=linear.weight.dtype)
         layer = LoRALinear(linear, config.r, config.alpha, config.dropout, config.use_rslora, form=config.form,
-                           masked=config.allocation, gated=config.gating, gate_init=config.gate_init, name=name)
+                           masked=config.allocation, gate=gate, name=name)
         setattr(parent, attr, layer)
     for _, layer in adapter_layers(model):
-        for p in layer.parameters(recurse=False):         # A, B (lambda, gate): not the frozen base
-            p.requires_grad_(True)
+        for key, p in layer.named_parameters():            # A, B (lambda, gate.*): not the frozen base
+            if not key.startswith("base."):
+                p.requires_grad_(True)
     for name, p in model.named_parameters():
         plain = name.replace(".base.", ".")
         if _is_saved_module(name, config) or _is_trained_bias(plain, config):
@@ -494,7 +476,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     lambda enter dW; a gated layer must first get a static gate from freeze_gates(), else this raises.
     """
     for name, layer in adapter_layers(model):
-        if layer.gated and not layer.gate_is_frozen:
+        if layer.gate is not None and not layer.gate.is_frozen:
             layer.delta_weight()        # raises the explanatory error
     plain = copy.deepcopy(model)
     for name, layer in adapter_layers(plain):
@@ -524,7 +506,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What an adapter file stores: every tensor fine-tuning owns or changed.
 
-    That is each LoRALinear's own parameters and buffers (A, B, lambda, gate parameters, mask, frozen gate),
+    That is each LoRALinear's own parameters and buffers (A, B, lambda, mask, and the gate's: gate.*),
     the modules_to_save (the head), and the biases config.bias trains. The frozen backbone is left out.
     """
     config = _config_of(model)
@@ -614,16 +596,21 @@ def save_adapter(path, model: nn.Module, config: AdapterConfig | None = None, ex
     return path
 
 
-def load_adapter(path, model: nn.Module) -> tuple[nn.Module, AdapterConfig, dict]:
+def load_adapter(path, model: nn.Module, gate_class: type[nn.Module] | None = None
+                 ) -> tuple[nn.Module, AdapterConfig, dict]:
     """Apply an adapter file to a plain model with the same backbone: returns (model, config, extra).
 
-    The model is adapted in place (apply_lora with the file's config), then the file's tensors are loaded,
-    so the result computes exactly what the model that was saved computed. A file that does not fit the
-    backbone -- other shapes, other n_layer, or the same shapes with other weights -- raises ValueError
-    naming the file and the first difference.
+    The model is adapted in place (apply_lora with the file's config and gate_class), then the file's
+    tensors are loaded, so the result computes exactly what the model that was saved computed. A file that
+    does not fit the backbone -- other shapes, other n_layer, or the same shapes with other weights -- raises
+    ValueError naming the file and the first difference; so does a file of an older format.
     """
     path = Path(path)
     payload = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(payload, dict) and payload.get("format") == "dynlora-adapter/1":
+        raise ValueError(f"adapter file {path} was written by an older version of dynlora.py (format 1, whose gate "
+                         f"tensors have other names: gate_weight, gate_bias, frozen_gate, gate_frozen); re-run the "
+                         f"fine-tuning to write it in format 2, or check out the older commit to use it")
     if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path}: not a dynlora adapter file (expected format {ADAPTER_FORMAT!r})")
     if adapter_layers(model):
@@ -632,7 +619,7 @@ def load_adapter(path, model: nn.Module) -> tuple[nn.Module, AdapterConfig, dict
     difference = _fingerprint_difference(payload["backbone"], backbone_fingerprint(model, config))
     if difference:
         raise ValueError(f"adapter file {path} does not fit this model: {difference}")
-    apply_lora(model, config)
+    apply_lora(model, config, gate_class)
     expected = adapter_state_dict(model)
     state = payload["state"]
     if set(state) != set(expected):
@@ -671,18 +658,27 @@ def load_adapter(path, model: nn.Module) -> tuple[nn.Module, AdapterConfig, dict
 # Why the gate reads z and not x. z is the input seen through the adapter's own r directions and is
 # computed anyway; W_g z costs 2 r^2 FLOPs per token, against 2 r d_in for a gate reading x.
 #
-# Cost per token and layer: 2 r^2 (W_g z) + about 4 r (bias, sigmoid, product, penalty mean), against
-# 2 r (d_in + d_out) for LoRA and 2 d_in d_out for W0. For r = 8 and d = 384: 128 + 32 = 160 FLOPs, 1.3% of
-# LoRA's 12,288 and 0.05% of W0's 294,912. Adapting q and v of the 4-layer 384-wide GPT, the gates add
-# about 0.01% to the model's forward matmul FLOPs (LoRA itself adds 0.7%), well within the paper's
-# "0.1% more resources than standard LoRA".
+# Why W_g = 0 and c = gate_init = 1 at the start. With W_g = 0 every token gets the same gate sigmoid(c), so
+# the layer starts as LoRA times a constant (and dW = 0 anyway, since B = 0). c = 1 opens the gates to 0.73,
+# above the 0.5 at which a component counts as used, at a point where the sigmoid's slope g (1 - g) = 0.20
+# is near its maximum 0.25, so the gradient reaches c almost undamped. A larger c would keep the gates open
+# through a whole run: Adam moves a parameter by about the learning rate per step, whatever the size of its
+# gradient, so a bias started at c = 3 (0.95) needs some 3,000 steps at lr 1e-3 to reach 0 -- several times
+# the 250-800 optimizer steps of a small GLUE task here -- while from c = 1 a gate can close within a run.
+# (At c = 10 the slope would be 4.5e-5: the gate could hardly learn at all.)
+#
+# Cost per token and layer (gate_flops_per_token): 2 r^2 for W_g z, r for + c, 4 r for the sigmoid (negate,
+# exp, add 1, divide) and r for z * g, in all 2 r^2 + 6 r, against 2 r (d_in + d_out) for LoRA and
+# 2 d_in d_out for W0. For r = 8 and d = 384: 128 + 48 = 176 FLOPs, 1.4% of LoRA's 12,288 and 0.06% of W0's
+# 294,912. Adapting q and v of the 4-layer 384-wide GPT, the gates add about 0.01% to the model's forward
+# matmul FLOPs (LoRA itself adds 0.7%), well within the paper's "0.1% more resources than standard LoRA".
 #
 # Sparsity pressure. Without it nothing asks a gate to close, so the loss gets a penalty
 #
 #     lambda_g * mean of m_i g_i(x) over positions, components and gated layers,
 #
 # the L1 norm of the (non-negative) gates, averaged. Each forward pass records its layer's mean in
-# LoRALinear.last_gate_mean; regularization_loss() collects them. The mean runs over all positions of the
+# RankGate.last_mean; regularization_loss() collects them. The mean runs over all positions of the
 # batch, padding included (the layer cannot tell pads apart); with right padding and a causal model the
 # pads never influence the real tokens, so this only dilutes the penalty by the share of pads.
 #
@@ -690,6 +686,102 @@ def load_adapter(path, model: nn.Module) -> tuple[nn.Module, AdapterConfig, dict
 # gate's average g_bar = E[g(x)] on calibration data and uses it as a static vector: dW = s B diag(m g_bar) A
 # merges like LoRA. Whether that costs accuracy is an empirical question: evaluate before and after
 # freeze_gates().
+#
+# All of the gate lives in one module, RankGate: its parameters, the function g, the penalty's record, the
+# hook of the statistics and the frozen vector. LoRALinear only calls it. Another gate is another module --
+# a subclass of RankGate with its own forward -- passed to apply_lora(model, config, gate_class=...).
+
+class RankGate(nn.Module):
+    """The input-driven gate of one adapted layer: g = sigmoid(W_g z + c) in [0,1]^r, per token z = A x.
+
+    Parameters: `weight` W_g (r x r) = 0 and `bias` c (r,) = init (config.gate_init), so every token starts
+    with the same gates sigmoid(init). LoRALinear calls gate(z, mask) -> g (..., r) and scales z by it; the
+    rest of the gate is kept here:
+
+      - the penalty's record: each forward pass leaves `last_mean`, the mean of m * g (see record());
+      - the statistics hook: `recorder`, a callable (g, mask) that gate_statistics() sets while it runs;
+      - the static form: freeze(mean_gate) stores g_bar in the buffer `frozen_mean` and sets the 0-d bool
+        buffer `frozen`. LoRALinear then skips the gate and multiplies A by frozen_mean. The buffers are
+        what gets saved; the Python flag `is_frozen` is what LoRALinear reads on every forward pass (no
+        device sync), set from the buffer again after load_state_dict.
+
+    Another gate function: subclass, override forward (keeping its call to record(g, mask)), and pass the
+    class to apply_lora(..., gate_class=...); it is built as gate_class(r, init, device=, dtype=). If its
+    parameters differ, override active_parameter_count and flops_per_token too.
+    """
+
+    def __init__(self, r: int, init: float = 1.0, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.r = r
+        self.weight = nn.Parameter(torch.zeros(r, r, **factory))                # W_g
+        self.bias = nn.Parameter(torch.full((r,), float(init), **factory))      # c
+        self.register_buffer("frozen_mean", torch.ones(r, **factory))
+        self.register_buffer("frozen", torch.tensor(False, device=device))
+        self.register_load_state_dict_post_hook(RankGate._after_load)
+        self.is_frozen = False
+        self.last_mean = None      # written by record(), read and cleared by regularization_loss()
+        self.recorder = None       # set by gate_statistics() while its block runs
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """g (..., r) for the rank components z (..., r); mask (r,) is the layer's allocation mask, or None."""
+        g = torch.sigmoid(F.linear(z, self.weight, self.bias))    # (..., r) @ (r, r) + (r,) -> (..., r)
+        self.record(g, mask)
+        return g
+
+    def record(self, g: torch.Tensor, mask: torch.Tensor | None):
+        """Keep what the gate penalty and the gate statistics need from this forward pass.
+
+        `last_mean` = mean over positions and components of m * g (m = 1 without allocation), a 0-d tensor
+        attached to the autograd graph; regularization_loss() reads and clears it. Each forward pass
+        overwrites it, so call regularization_loss after each forward pass whose loss you backpropagate.
+        """
+        per_component = g.reshape(-1, self.r).mean(0)            # (..., r) -> (N, r) -> (r,)
+        if mask is not None:
+            # A switched-off component does nothing, so its gate is neither penalised nor counted.
+            self.last_mean = (per_component * mask).sum() / self.r
+        else:
+            self.last_mean = per_component.mean()
+        if self.recorder is not None:
+            self.recorder(g.detach(), mask)
+
+    @torch.no_grad()
+    def freeze(self, mean_gate: torch.Tensor):
+        """Replace the input-driven gate by the static vector mean_gate (r,): dW becomes s B diag(m * g_bar) A."""
+        self.frozen_mean.copy_(mean_gate)
+        self.frozen.fill_(True)
+        self._sync_frozen_flag()
+        self.last_mean = None
+
+    @staticmethod
+    def _after_load(module: "RankGate", incompatible_keys):
+        """After load_state_dict: copy the saved `frozen` buffer into the Python flag LoRALinear reads."""
+        module._sync_frozen_flag()
+
+    def _sync_frozen_flag(self):
+        self.is_frozen = bool(self.frozen)
+        if self.is_frozen:
+            self.requires_grad_(False)       # W_g and c are no longer used by the forward pass
+
+    def active_parameter_count(self, k: int) -> int:
+        """The gate's parameters that touch k active components: k^2 entries of W_g and k of c."""
+        return k * k + k
+
+    @staticmethod
+    def flops_per_token(r: int) -> int:
+        """FLOPs of one gate for one token: W_g z (2 r^2), + c (r), the sigmoid (4 r: negate, exp, add 1,
+        divide) and z * g (r). For r = 8: 176, against 12,288 for the LoRA path (1.4%) and 294,912 for W0
+        (0.06%) of a 384 x 384 layer."""
+        return 2 * r * r + 6 * r
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}" + (", frozen" if self.is_frozen else "")
+
+
+def gate_flops_per_token(r: int) -> int:
+    """FLOPs of a RankGate of rank r for one token (RankGate.flops_per_token): 2 r^2 + 6 r, 176 for r = 8."""
+    return RankGate.flops_per_token(r)
+
 
 class GateStats:
     """Gate statistics of each gated layer, accumulated over forward passes (see gate_statistics()).
@@ -748,8 +840,13 @@ class GateStats:
                     "mean_gate": [round(v, 6) for v in mean[n].tolist()]} for n, e in self.layers.items()}
 
 
-def _live_gated_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(n, m) for n, m in adapter_layers(model) if m.gated and not m.gate_is_frozen]
+def live_gates(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """The adapted layers whose gate is live (input-driven, not frozen), with their names, in module order.
+
+    These are the layers that regularization_loss() penalises, gate_statistics() records and freeze_gates()
+    freezes; each one's rank is layer.r and its gate layer.gate.
+    """
+    return [(n, m) for n, m in adapter_layers(model) if m.gate is not None and not m.gate.is_frozen]
 
 
 @contextmanager
@@ -764,7 +861,7 @@ def gate_statistics(model: nn.Module, threshold: float = 0.5, pad_id: int | None
     model's first forward argument by a hook that exists only inside the block). The block changes nothing
     else: run it under torch.no_grad() and model.eval() as you would any evaluation.
     """
-    layers = _live_gated_layers(model)
+    layers = live_gates(model)
     if not layers:
         raise ValueError("gate_statistics: the model has no input-driven gates (method without gating, or gates "
                          "already frozen)")
@@ -776,12 +873,12 @@ def gate_statistics(model: nn.Module, threshold: float = 0.5, pad_id: int | None
             stats.position_mask = idx != pad_id                       # (B, T) bool
         hook = model.register_forward_pre_hook(set_positions, with_kwargs=True)
     for name, layer in layers:
-        layer.gate_recorder = (stats, name)
+        layer.gate.recorder = partial(stats.add, name)              # called as recorder(g, mask)
     try:
         yield stats
     finally:
         for _, layer in layers:
-            layer.gate_recorder = None
+            layer.gate.recorder = None
         if hook is not None:
             hook.remove()
 
@@ -794,7 +891,7 @@ def freeze_gates(model: nn.Module, batches, pad_id: int | None = None) -> GateSt
     afterwards. With pad_id, padding positions are left out of the average. Returns the GateStats measured
     (train.py can log them). Afterwards dW = s B diag(m * g_bar) A and merge()/merge_and_unload() work.
     """
-    layers = _live_gated_layers(model)
+    layers = live_gates(model)
     if not layers:
         raise ValueError("freeze_gates: the model has no input-driven gates to freeze")
     was_training = model.training
@@ -809,21 +906,14 @@ def freeze_gates(model: nn.Module, batches, pad_id: int | None = None) -> GateSt
     for name, layer in layers:
         if name not in means or stats.layers[name]["positions"] == 0:
             raise ValueError(f"freeze_gates: no calibration positions reached {name}; pass at least one batch")
-        layer.freeze_gate(means[name].to(layer.frozen_gate))
+        layer.gate.freeze(means[name].to(layer.gate.frozen_mean))
     return stats
-
-
-def gate_flops_per_token(r: int) -> int:
-    """FLOPs of one layer's gate for one token: W_g z (2 r^2), + c (r), the sigmoid (counted as 4 r: negate,
-    exp, add 1, divide) and z * g (r). For r = 8: 176, against 12,288 for the LoRA path and 294,912 for W0
-    of a 384 x 384 layer (0.06% of W0)."""
-    return 2 * r * r + 6 * r
 
 
 def regularization_loss(model: nn.Module) -> torch.Tensor:
     """The method's penalties, to add to the task loss: gate sparsity (chapter 2) + orthogonality (chapter 3).
 
-        lambda_g * mean over gated layers of last_gate_mean     (gating methods; see _record_gates)
+        lambda_g * mean over live gates of gate.last_mean       (gating methods; see RankGate.record)
       + gamma * mean over adapted layers of orthogonality_penalty()   (form "svd")
 
     Returns a 0-d tensor (zero for plain LoRA and allocation in the plain form). It reads and clears each
@@ -833,14 +923,14 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
     layers = adapter_layers(model)
     device = layers[0][1].lora_A.device
     total = torch.zeros((), device=device)
-    gated = [m for _, m in layers if m.gated and not m.gate_is_frozen]
-    if gated:
-        records = [m.last_gate_mean for m in gated]
+    gates = [m.gate for _, m in live_gates(model)]
+    if gates:
+        records = [gate.last_mean for gate in gates]
         if any(r is None for r in records):
             raise RuntimeError("regularization_loss: a gated layer has no record of a forward pass; call it once "
                                "after each forward pass (it consumes the records)")
-        for m in gated:
-            m.last_gate_mean = None
+        for gate in gates:
+            gate.last_mean = None
         if config.gate_penalty > 0:
             total = total + config.gate_penalty * torch.stack(records).mean()
     if config.form == "svd" and config.ortho_gamma > 0:
@@ -872,7 +962,8 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
 #     score = I_bar * U_bar
 #
 # and a component's score is S_i = mean_j score(A_ij) + mean_j score(B_ji) (+ score(lambda_i) in the svd
-# form). A layer's importance, for plots, is sum_i S_i.
+# form), computed by importance_score(), the one function to change to try another score. A layer's
+# importance, for plots, is sum_i S_i.
 #
 # A switched-off component has gradient exactly 0 (it does not act), so its sensitivity is unobservable.
 # peft's AdaLoRA meets this differently: it zeroes lambda_i only at reallocation steps, and in between
@@ -933,6 +1024,21 @@ def budget_schedule(step: int, total_steps: int, initial_budget: int, target_bud
     span, done = end - t_init, step - t_init
     budget = target_budget + (initial_budget - target_budget) * (span - done) ** 3 // span ** 3
     return budget, (done % delta_t == 0 or step == end)
+
+
+def importance_score(ipt: dict[str, torch.Tensor], unc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One layer's component scores S (r,) from its EMAs:
+
+        S_i = mean_j s(A_ij) + mean_j s(B_ji) (+ s(lambda_i) in the svd form),   s = I_bar * U_bar.
+
+    ipt and unc hold the layer's EMAs I_bar and U_bar per parameter: "A" (r, d_in), "B" (d_out, r), and "E"
+    (r,) for lambda in the svd form. RankAllocator ranks components by this score and nothing else.
+    """
+    s = {k: ipt[k] * unc[k] for k in ipt}                  # per parameter, same shapes as the EMAs
+    scores = s["A"].mean(1) + s["B"].mean(0)               # (r, d_in) -> (r,) and (d_out, r) -> (r,)
+    if "E" in s:
+        scores = scores + s["E"]                           # (r,)
+    return scores
 
 
 class RankAllocator:
@@ -1025,18 +1131,8 @@ class RankAllocator:
 
     @torch.no_grad()
     def component_scores(self) -> dict[str, torch.Tensor]:
-        """layer -> S (r,) with S_i = mean_j score(A_ij) + mean_j score(B_ji) (+ score(lambda_i)).
-
-        score = I_bar * U_bar per parameter.
-        """
-        out = {}
-        for name, m in self.layers:
-            s = {k: self.ipt[name][k] * self.unc[name][k] for k in self.ipt[name]}
-            scores = s["A"].mean(1) + s["B"].mean(0)           # (r, d_in) -> (r,) and (d_out, r) -> (r,)
-            if "E" in s:
-                scores = scores + s["E"]
-            out[name] = scores
-        return out
+        """layer -> S (r,), the importance_score of its components."""
+        return {name: importance_score(self.ipt[name], self.unc[name]) for name, _ in self.layers}
 
     @torch.no_grad()
     def _reallocate(self, budget: int, t: int):
@@ -1090,8 +1186,9 @@ def active_parameter_count(model: nn.Module) -> int:
     """Adapter parameters of the active components: the "same final trainable budget" count.
 
     Per layer with k active components: k (d_in + d_out) for A's rows and B's columns, + k for lambda (svd
-    form), + k^2 + k for a live gate (the rows and columns of W_g and the entries of c that touch active
-    components). The head and trainable biases are the same for every method and are not counted.
+    form), + the live gate's parameters that touch active components (RankGate.active_parameter_count:
+    k^2 + k, the rows and columns of W_g and the entries of c). The head and trainable biases are the same
+    for every method and are not counted.
     """
     total = 0
     for _, m in adapter_layers(model):
@@ -1099,41 +1196,6 @@ def active_parameter_count(model: nn.Module) -> int:
         total += k * (m.d_in + m.d_out)
         if m.form == "svd":
             total += k
-        if m.gated and not m.gate_is_frozen:
-            total += k * k + k
+        if m.gate is not None and not m.gate.is_frozen:
+            total += m.gate.active_parameter_count(k)
     return total
-
-
-# -- The methods of the ablation grid ----------------------------------------------------------------------
-#
-# Every method shares the same rank and budget settings (r is the initial rank, target_r the final average);
-# only these three switches differ. "gate" keeps rank r everywhere and lets each token choose; "alloc"
-# moves a shrinking budget between layers; "dynlora" does both -- the paper's method as we read it;
-# "adalora" is the published baseline for allocation (svd form, orthogonality penalty, no gate).
-
-METHODS = {
-    "lora":    dict(form="plain", allocation=False, gating=False),   # static LoRA (Hu et al. 2021)
-    "alloc":   dict(form="plain", allocation=True,  gating=False),   # importance-based allocation only
-    "gate":    dict(form="plain", allocation=False, gating=True),    # input-driven gating only
-    "dynlora": dict(form="plain", allocation=True,  gating=True),    # both: "dynamic LoRA"
-    "adalora": dict(form="svd",   allocation=True,  gating=False),   # AdaLoRA (Zhang et al. 2023)
-}
-
-
-def config_for_method(name: str, **overrides) -> AdapterConfig:
-    """An AdapterConfig for one of METHODS, with any other fields overridden (e.g. r=16, target_r=8).
-
-    The method's own switches (form, allocation, gating) may be passed only with the method's value.
-    """
-    if name not in METHODS:
-        raise ValueError(f"unknown adapter method {name!r}; choose one of {list(METHODS)}")
-    preset = METHODS[name]
-    clash = {k: v for k, v in overrides.items() if k in preset and v != preset[k]}
-    if clash:
-        raise ValueError(f"method {name!r} sets {', '.join(f'{k}={preset[k]!r}' for k in clash)}; {clash} would make "
-                         f"it another method -- choose that method by name instead")
-    known = {f.name for f in fields(AdapterConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown adapter option(s) {unknown}; known options are {sorted(known)}")
-    return AdapterConfig(**{**overrides, **preset})

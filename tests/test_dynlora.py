@@ -12,9 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dynlora
-from dynlora import (AdapterConfig, LoRALinear, RankAllocator, adapter_layers, apply_lora, budget_schedule,
-                     config_for_method, count_parameters, freeze_gates, gate_statistics, load_adapter,
-                     merge_adapters, merge_and_unload, regularization_loss, save_adapter, unmerge_adapters)
+from dynlora import (AdapterConfig, LoRALinear, RankAllocator, RankGate, adapter_layers, apply_lora,
+                     budget_schedule, config_for_method, count_parameters, freeze_gates, gate_statistics,
+                     live_gates, load_adapter, merge_adapters, merge_and_unload, regularization_loss,
+                     save_adapter, unmerge_adapters)
 from model import GPTClassifier, preset
 
 
@@ -208,7 +209,7 @@ def test_dropout_only_in_training():
 def test_static_lora_is_the_plain_path():
     layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=4.0)
     assert layer.static_coefficients() is None
-    assert not hasattr(layer, "mask") and not hasattr(layer, "gate_weight") and not hasattr(layer, "lora_E")
+    assert not hasattr(layer, "mask") and layer.gate is None and not hasattr(layer, "lora_E")
 
 
 @pytest.mark.parametrize("method", ["lora", "dynlora", "adalora"])
@@ -267,6 +268,60 @@ def test_adapter_file_for_another_backbone_is_refused(tmp_path):
         assert not adapter_layers(other)                         # refused before touching the model
 
 
+def test_adapter_state_dict_key_names():
+    model, _ = adapted("dynlora")
+    state = dynlora.adapter_state_dict(model)
+    layer = "gpt.blocks.0.attn.q_proj."
+    assert {k[len(layer):] for k in state if k.startswith(layer)} == {
+        "lora_A", "lora_B", "mask", "gate.weight", "gate.bias", "gate.frozen_mean", "gate.frozen"}
+    assert {k for k in state if not k.startswith("gpt.")} == {"head.weight", "head.bias"}
+    model, _ = adapted("adalora")
+    state = dynlora.adapter_state_dict(model)
+    assert {k[len(layer):] for k in state if k.startswith(layer)} == {"lora_A", "lora_B", "lora_E", "mask"}
+    assert dynlora.ADAPTER_FORMAT == "dynlora-adapter/2"
+
+
+def test_format_1_adapter_file_is_refused_with_one_line(tmp_path):
+    model, config = adapted("gate")
+    path = save_adapter(tmp_path / "old.pt", model)
+    payload = torch.load(path, weights_only=True)
+    old_names = {"gate.weight": "gate_weight", "gate.bias": "gate_bias", "gate.frozen_mean": "frozen_gate",
+                 "gate.frozen": "gate_frozen"}        # what format 1 called them
+    state = {}
+    for key, value in payload["state"].items():
+        for new, old in old_names.items():
+            key = key.replace(new, old)
+        state[key] = value
+    torch.save({**payload, "format": "dynlora-adapter/1", "state": state}, path)
+    fresh = classifier()
+    with pytest.raises(ValueError, match=r"older version.*format 1.*gate.*re-run the fine-tuning.*older commit") as err:
+        load_adapter(path, fresh)
+    assert "old.pt" in str(err.value) and "\n" not in str(err.value)
+    assert not adapter_layers(fresh)                             # refused before touching the model
+
+
+def test_swiglu_projection_names_are_adaptable():
+    class SwiGLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False)
+            self.down_proj = nn.Linear(16, 8, bias=False)
+
+        def forward(self, x):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # (N, 16) -> (N, 8)
+
+    mlp = SwiGLU()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        before = mlp(x)
+    config = config_for_method("gate", r=2, targets=("gate_proj", "up_proj", "down_proj"), modules_to_save=())
+    apply_lora(mlp, config)
+    assert [n for n, _ in adapter_layers(mlp)] == ["gate_proj", "up_proj", "down_proj"]
+    assert isinstance(mlp.gate_proj.gate, RankGate)             # the projection named "gate" keeps its own gate
+    with torch.no_grad():
+        assert torch.equal(mlp(x), before)                       # B = 0: the base function exactly
+
+
 def test_merge_and_unload_returns_a_plain_equivalent_model():
     model, config = adapted("alloc")
     randomize_B(model)
@@ -293,7 +348,7 @@ def test_open_gate_reproduces_static_lora():
     torch.manual_seed(0)
     base = nn.Linear(12, 10)
     static = LoRALinear(base, r=4, alpha=8.0)
-    gated = LoRALinear(nn.Linear(12, 10), r=4, alpha=8.0, gated=True, gate_init=30.0)  # sigmoid(30) = 1 in fp32
+    gated = LoRALinear(nn.Linear(12, 10), r=4, alpha=8.0, gate=RankGate(4, init=30.0))  # sigmoid(30) = 1 in fp32
     with torch.no_grad():
         gated.base.load_state_dict(base.state_dict())
         static.lora_B.normal_()
@@ -367,7 +422,7 @@ def test_gate_statistics_counts_real_tokens_only():
     assert hist[layers[0][0]] == [0, 0, 0, 10, 0]
     assert hist[layers[1][0]] == [0, 0, 0, 0, 10]
     assert stats.mean_effective_rank()[layers[0][0]] == 3.0
-    assert all(l.gate_recorder is None for _, l in layers)       # the context leaves nothing behind
+    assert all(l.gate.recorder is None for _, l in layers)       # the context leaves nothing behind
 
 
 def test_freeze_gates_then_merge_matches_frozen_forward():
@@ -380,7 +435,7 @@ def test_freeze_gates_then_merge_matches_frozen_forward():
     stats = freeze_gates(model, calibration, pad_id=0)
     assert model.training                                         # mode restored
     for name, layer in adapter_layers(model):
-        assert layer.gate_is_frozen and torch.equal(layer.frozen_gate, stats.mean_gate()[name])
+        assert layer.gate.is_frozen and torch.equal(layer.gate.frozen_mean, stats.mean_gate()[name])
     model.eval()
     with torch.no_grad():
         frozen = model(idx)[0]
@@ -392,16 +447,68 @@ def test_frozen_gate_is_the_mean_gate_and_survives_save_load(tmp_path):
     model, _ = adapted("gate")
     freeze_gates(model, [batch(1)[0]])
     for _, layer in adapter_layers(model):     # untrained: g = sigmoid(gate_init) for every token
-        assert torch.allclose(layer.frozen_gate, torch.full((4,), 1 / (1 + math.exp(-AdapterConfig().gate_init))), atol=1e-6)
+        assert torch.allclose(layer.gate.frozen_mean, torch.full((4,), 1 / (1 + math.exp(-AdapterConfig().gate_init))), atol=1e-6)
     randomize_B(model)
     path = save_adapter(tmp_path / "g.pt", model)
     fresh = classifier()
     load_adapter(path, fresh)
-    assert all(l.gate_is_frozen for _, l in adapter_layers(fresh))
+    assert all(l.gate.is_frozen for _, l in adapter_layers(fresh))
+    assert not any(p.requires_grad for _, l in adapter_layers(fresh) for p in l.gate.parameters())
     idx, _ = batch(2)
     model.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(idx)[0], model(idx)[0])
+
+
+class HalfGate(RankGate):
+    """A replacement gate for the tests: g = 1/2 for every token and component, whatever z."""
+
+    def forward(self, z, mask=None):
+        g = torch.full_like(z, 0.5)                              # (..., r)
+        self.record(g, mask)
+        return g
+
+
+def test_a_custom_gate_module_plugs_in(tmp_path):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), r=3, alpha=3.0, gate=HalfGate(3))   # s = 1
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 6)
+    expected = layer.base(x) + 0.5 * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(nn.Linear(6, 5), r=3, alpha=3.0, gate=RankGate(2))
+    # The whole model: apply_lora builds one per layer; penalty, statistics, freezing and files follow it.
+    model, config = classifier(), config_for_method("gate", r=4, gate_penalty=1.0)
+    apply_lora(model, config, gate_class=HalfGate)
+    assert all(type(l.gate) is HalfGate for _, l in adapter_layers(model))
+    idx, _ = batch()
+    model(idx)
+    assert torch.allclose(regularization_loss(model), torch.tensor(0.5))
+    freeze_gates(model, [idx])
+    assert all(torch.equal(l.gate.frozen_mean, torch.full((4,), 0.5)) for _, l in adapter_layers(model))
+    randomize_B(model)
+    model.eval()
+    with torch.no_grad():
+        ref = model(idx)[0]
+        assert torch.allclose(merge_and_unload(model)(idx)[0], ref, atol=1e-5)
+    path = save_adapter(tmp_path / "half.pt", model)
+    fresh = classifier()
+    load_adapter(path, fresh, gate_class=HalfGate)
+    fresh.eval()
+    assert all(type(l.gate) is HalfGate and l.gate.is_frozen for _, l in adapter_layers(fresh))
+    with torch.no_grad():
+        assert torch.equal(fresh(idx)[0], ref)
+
+
+def test_live_gates_lists_the_layers_whose_gates_are_not_frozen():
+    model, _ = adapted("dynlora")
+    assert [n for n, _ in live_gates(model)] == [n for n, _ in adapter_layers(model)]
+    assert all(layer.r == 4 for _, layer in live_gates(model))
+    freeze_gates(model, [batch()[0]])
+    assert live_gates(model) == []
+    assert live_gates(adapted("alloc")[0]) == []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -654,7 +761,6 @@ def test_method_table_and_presets():
         config_for_method("lora", allocation=True)
     with pytest.raises(ValueError, match="unknown adapter option"):
         config_for_method("lora", rank=4)
-    assert set(dynlora.FLAG_NAMES) <= {f for f in AdapterConfig.__dataclass_fields__}
     from dataclasses import asdict
     assert AdapterConfig.from_dict({**asdict(cfg), "targets": ["q_proj", "v_proj"]}) == cfg
     with pytest.raises(ValueError, match="unknown keys"):
