@@ -899,14 +899,13 @@ def evaluate(model: nn.Module, task: data.TaskSpec, dev_batchers: dict, rt: runt
 def sum_gate_statistics(stats: dynlora.GateStats, model: nn.Module, rt: runtime.Runtime):
     """Add up the gate statistics of all processes (each saw a share of the dev batches), in place."""
     layers = {}
-    for name, layer in dynlora.adapter_layers(model):
-        if layer.gated and not layer.gate_is_frozen:
-            entry = stats.layers.get(name) or {"positions": 0, "gate_sum": torch.zeros(layer.r, dtype=torch.float64),
-                                               "histogram": torch.zeros(layer.r + 1, dtype=torch.long)}
-            entry["positions"] = int(rt.sum([entry["positions"]])[0])
-            rt.sum_tensor_(entry["gate_sum"])
-            rt.sum_tensor_(entry["histogram"])
-            layers[name] = entry
+    for name, layer in dynlora.live_gates(model):
+        entry = stats.layers.get(name) or {"positions": 0, "gate_sum": torch.zeros(layer.r, dtype=torch.float64),
+                                           "histogram": torch.zeros(layer.r + 1, dtype=torch.long)}
+        entry["positions"] = int(rt.sum([entry["positions"]])[0])
+        rt.sum_tensor_(entry["gate_sum"])
+        rt.sum_tensor_(entry["histogram"])
+        layers[name] = entry
     stats.layers = layers
 
 

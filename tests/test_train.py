@@ -268,3 +268,11 @@ def test_bench_quick_runs_every_figure(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["rows"] == result["rows"] and saved["quick"] is True
     assert "Benchmark" in report.render_bench(saved)
+
+
+def test_flag_names_rename_adapter_fields():
+    import dataclasses
+    assert set(train.FLAG_NAMES) <= {f.name for f in dataclasses.fields(train.dynlora.AdapterConfig)}
+    parser = train.build_parser()
+    args = parser.parse_args(["finetune", "--method", "lora", "--lora-r", "4", "--target-r", "2"])
+    assert args.r == 4 and args.target_r == 2
