@@ -52,6 +52,7 @@ METRICS_FILE = "metrics.jsonl"       # one JSON record per logged step / evaluat
 FINAL_FILE = "final.json"            # a finished fine-tuning run's result record; marks the run finished
 RESULTS_FILE = "finetune.jsonl"      # in a results folder: one line per finished fine-tuning run
 RESULTS_DIR = REPO / "results"       # the results of record, rendered into the README
+SCRATCH_RESULTS_DIR = REPO / "runs" / "results"   # where ad-hoc runs (no --suite) put their result lines
 
 
 class SaveError(OSError):
@@ -380,6 +381,15 @@ def load_finetuned(run_dir, backbone: str | None = None) -> tuple[GPTClassifier,
 # ---------------------------------------------------------------------------------------------------------
 # 6. Results files
 # ---------------------------------------------------------------------------------------------------------
+
+def results_folder(results_dir: str, suite: str) -> Path:
+    """The folder a fine-tuning run appends its result to: --results-dir if given; else results/ (the tables
+    of record) for a run of a named --suite, and runs/results/ for an ad-hoc run, so that trying things out
+    (the main job, a quick run) never adds rows to the committed tables."""
+    if results_dir:
+        return Path(results_dir)
+    return RESULTS_DIR if suite else SCRATCH_RESULTS_DIR
+
 
 def results_path(results_dir) -> Path:
     """<results_dir>/finetune.jsonl; a relative results_dir is taken from the repository root."""

@@ -128,8 +128,8 @@ class FinetuneConfig:
     max_train: int = field(default=0, metadata=bounds(0))                      # use only the first N training examples (0 = all), for quick trials
     seed: int = field(default=0, metadata=bounds(0))                           # random seed (initialisation of new weights, dropout, batch order)
     threads: int = field(default=0, metadata=bounds(0))                        # CPU threads (0 = PyTorch's default)
-    suite: str = ""                                     # label stored with the result, to group runs in the report
-    results_dir: str = "results"                        # folder whose finetune.jsonl gets this run's final metrics appended
+    suite: str = ""                                     # the suite of record this run belongs to (a table in the README); '' = an ad-hoc run
+    results_dir: str = ""                               # folder whose finetune.jsonl gets the run's result ('' = results/ for a --suite, else runs/results/)
 
 
 @dataclass
@@ -845,7 +845,7 @@ def finish_finetune(run: FinetuneRun, wall: float) -> dict:
             plots.allocation_plots(run.allocator.history, run.out)
         # The results line first, final.json last: final.json marks the run finished, and a run resumed after
         # a crash between the two appends nothing twice (append_result skips a run_id it already holds).
-        runs.append_result(result, cfg.results_dir)
+        runs.append_result(result, runs.results_folder(cfg.results_dir, cfg.suite))
         runs.atomic_write_text(run.out / runs.FINAL_FILE, json.dumps(result, indent=2))
         print(f"finetune {run.task.name} ({method}): best dev score {100 * best['score']:.2f} at epoch "
               f"{best['epoch']}, {wall / 60:.1f} min; run folder {run.out}")

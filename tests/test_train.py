@@ -276,3 +276,11 @@ def test_flag_names_rename_adapter_fields():
     parser = train.build_parser()
     args = parser.parse_args(["finetune", "--method", "lora", "--lora-r", "4", "--target-r", "2"])
     assert args.r == 4 and args.target_r == 2
+
+
+def test_ad_hoc_runs_go_to_a_scratch_results_folder_and_suites_to_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(runs, "SCRATCH_RESULTS_DIR", tmp_path / "runs" / "results")
+    assert runs.results_folder("", "") == tmp_path / "runs" / "results"
+    assert runs.results_folder("", "my-suite") == tmp_path / "results"
+    assert runs.results_folder("elsewhere", "my-suite") == Path("elsewhere")
