@@ -83,6 +83,9 @@ def bounds(low=None, high=None, low_open=False, high_open=False) -> dict:
     return {"bounds": (low, high, low_open, high_open)}
 
 
+SEED_MAX = 2**32 - 1          # the largest seed numpy accepts
+
+
 @dataclass
 class PretrainConfig:
     out_dir: str = "runs/backbone"                      # folder for the backbone checkpoint, its tokenizer and curves
@@ -106,7 +109,7 @@ class PretrainConfig:
     dropout: float = field(default=0.0, metadata=bounds(0, 1, high_open=True))  # dropout probability
     holdout: float = field(default=0.02, metadata=bounds(0, 0.5, high_open=True))  # fraction of the token stream held out to measure validation loss
     eval_every: int = field(default=100, metadata=bounds(0, low_open=True))    # steps between validation-loss measurements
-    seed: int = field(default=1337, metadata=bounds(0))                        # random seed
+    seed: int = field(default=1337, metadata=bounds(0, SEED_MAX))              # random seed
     threads: int = field(default=0, metadata=bounds(0))                        # CPU threads (0 = PyTorch's default)
 
 
@@ -126,7 +129,7 @@ class FinetuneConfig:
     grad_clip: float = field(default=1.0, metadata=bounds(0))                  # clip the global gradient norm to this (0 = off)
     max_len: int = field(default=128, metadata=bounds(0, low_open=True))       # longest input in tokens; longer pairs are truncated, longest text first
     max_train: int = field(default=0, metadata=bounds(0))                      # use only the first N training examples (0 = all), for quick trials
-    seed: int = field(default=0, metadata=bounds(0))                           # random seed (initialisation of new weights, dropout, batch order)
+    seed: int = field(default=0, metadata=bounds(0, SEED_MAX))                 # random seed (initialisation of new weights, dropout, batch order)
     threads: int = field(default=0, metadata=bounds(0))                        # CPU threads (0 = PyTorch's default)
     suite: str = ""                                     # the suite of record this run belongs to (a table in the README); '' = an ad-hoc run
     results_dir: str = ""                               # folder whose finetune.jsonl gets the run's result ('' = results/ for a --suite, else runs/results/)
@@ -207,9 +210,15 @@ def check_config(cfg, rename: dict | None = None):
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if too_low or too_high:
-            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-            raise ValueError(f"{flag(f.name, rename)} must be {' and '.join(x for x in (lo, hi) if x)}, got {value:g}")
+            lo = "" if low is None else f"{'>' if low_open else '>='} {number(low)}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {number(high)}"
+            raise ValueError(f"{flag(f.name, rename)} must be {' and '.join(x for x in (lo, hi) if x)}, "
+                             f"got {number(value)}")
+
+
+def number(x) -> str:
+    """A bound or a value as the user would type it: an int whole (a seed of 4294967295), a float short."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -314,6 +323,40 @@ def train_step(model: nn.Module, batch, rt: runtime.Runtime, grad_accum: int, op
     return rt.sum([loss_sum.item()])[0], stepped
 
 
+# The finite-loss guard. A loss of nan or inf (too high a learning rate, broken data) means the weights are
+# garbage from then on: the run stops at once, naming the step, and nothing computed from those weights is
+# saved -- the last good checkpoint stays, no best model, final.json or result line is written (a
+# classifier of NaN weights would otherwise be scored, and recorded, as a real 50%). check_loss runs after
+# every step; check_weights before the weights are evaluated or saved, since a step can still report a
+# finite loss while its update makes them non-finite. The loss is the mean over all processes and the
+# weights are the same on every process, so every process stops at the same step.
+
+class DivergedError(ValueError):
+    """The training loss or the weights stopped being finite numbers; the run stopped without saving them."""
+
+
+def check_loss(run, loss: float, step: int, epoch: int | None = None):
+    if not math.isfinite(loss):
+        raise diverged(run, f"the training loss became {loss}", step, epoch)
+
+
+def check_weights(run, step: int, epoch: int | None = None):
+    params = [(name, p) for name, p in run.model.named_parameters() if p.requires_grad]
+    if not torch.stack([torch.isfinite(p).all() for _, p in params]).all():
+        name = next(name for name, p in params if not torch.isfinite(p).all())
+        raise diverged(run, f"the weights became non-finite (nan or inf in {name})", step, epoch)
+
+
+def diverged(run, what: str, step: int, epoch: int | None) -> DivergedError:
+    ckpt = run.out / runs.CHECKPOINT_FILE
+    last = f"the last good checkpoint is {ckpt} (step {run.saved_step})" if run.saved_step is not None else \
+        "no checkpoint of this run was written yet"
+    fp16 = ", or use --precision bf16 or fp32" if run.rt.precision == "fp16" else ""
+    return DivergedError(f"{what} at step {step}{'' if epoch is None else f' (epoch {epoch + 1})'}; the run "
+                         f"stopped, nothing from it was saved, and {last}; lower --lr (it was {run.lr:g}){fp16}, "
+                         f"or check the data, and start the run again")
+
+
 def flag_name(section: str, key: str) -> str:
     """How the user sets a field of a saved run config: its --flag, or its place in the backbone."""
     if section == "adapter":
@@ -369,6 +412,11 @@ class PretrainRun:
     run_config: dict                        # what the run is, as saved in config.json and the checkpoint
     source: str                             # hash of the tokenizer it trains with
     log: runs.RunLog                        # the run's state and metrics.jsonl
+    saved_step: int | None = None           # the step of the last checkpoint written or resumed from
+
+    @property
+    def lr(self) -> float:
+        return self.cfg.lr
 
 
 def pretrain(cfg: PretrainConfig, system: SystemConfig | None = None) -> Path:
@@ -430,8 +478,9 @@ def setup_pretrain(cfg: PretrainConfig, system: SystemConfig) -> PretrainRun:
         raise ValueError(f"need --warmup-steps < --max-steps (got {cfg.warmup_steps}, {cfg.max_steps})")
     shape = {k: v for k, v in [("n_layer", cfg.n_layer), ("n_head", cfg.n_head), ("n_embd", cfg.n_embd)] if v}
     gptmodel.preset(cfg.preset, block_size=cfg.block_size, dropout=cfg.dropout, **shape)   # fail fast on the shape
-    rt = start_run(system, cfg.batch_size, cfg.seed, cfg.threads)
     out = Path(cfg.out_dir)
+    runs.check_output_folder(out, "--out-dir")
+    rt = start_run(system, cfg.batch_size, cfg.seed, cfg.threads)
     ckpt = runs.read_checkpoint(out, "pretrain") if system.resume else None
     tok_path, train_stream, val_stream, init_config, init_state = pretrain_tokens(cfg, rt, out, ckpt is None)
     tok = data.load_tokenizer(tok_path)
@@ -459,10 +508,11 @@ def setup_pretrain(cfg: PretrainConfig, system: SystemConfig) -> PretrainRun:
     if ckpt is not None:
         saved = out / runs.BACKBONE_FILE
         finished = ckpt["state"]["step"] == cfg.max_steps and saved.is_file() and \
-            torch.load(saved, map_location="cpu", weights_only=True).get("run_id") == ckpt["state"]["run_id"]
+            runs.read_torch_file(saved, "delete it and --resume to write it again").get("run_id") == ckpt["state"]["run_id"]
         runs.check_resume(ckpt, run.run_config, run.source, out, RESUME_MAY_CHANGE, flag_name, finished)
         model.load_state_dict(ckpt["model"])
         state = runs.restore_training(ckpt, optimizer, scaler, rt)
+        run.saved_step = state["step"]
         rt.print(f"pretrain: resuming {out} at step {state['step']} of {cfg.max_steps}")
     run.log = runs.RunLog(out, state, rt.is_main)
     return run
@@ -487,6 +537,7 @@ def save_pretrain_checkpoint(run: PretrainRun, t_start: float):
     runs.save_checkpoint(run.out, run.rt, {"kind": "pretrain", "config": run.run_config, "source": run.source,
                                            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                                            "scaler": run.scaler.state_dict(), "state": run.log.state})
+    run.saved_step = run.log.state["step"]
 
 
 def pretrain_steps(run: PretrainRun, system: SystemConfig) -> float:
@@ -507,17 +558,21 @@ def pretrain_steps(run: PretrainRun, system: SystemConfig) -> float:
         loss, _ = train_step(train_model, (x, y), rt, system.grad_accum, run.optimizer, run.scaler, params,
                              cfg.grad_clip)
         run.optimizer.zero_grad(set_to_none=True)
+        check_loss(run, loss, step + 1)
         state["tokens"] += x.numel()
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{speed.add(x.numel()):,.0f}")
         record = {"step": step + 1, "train_loss": loss, "lr": lr}
         evaluation = (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps
+        saving = evaluation or (system.save_every and (step + 1) % system.save_every == 0)
+        if saving:
+            check_weights(run, step + 1)
         if run.val_batcher is not None and evaluation:
             record["val_loss"] = validation_loss(run)
             if rt.is_main:
                 tqdm.write(f"step {step + 1}: train loss {loss:.3f}, held-out loss {record['val_loss']:.3f}")
         state["step"] = step + 1
         run.log.add(record)
-        if evaluation or (system.save_every and (step + 1) % system.save_every == 0):
+        if saving:
             save_pretrain_checkpoint(run, t_start)
     return time.time() - t_start
 
@@ -600,6 +655,7 @@ class FinetuneRun:
     source: str                             # hash of the backbone (or tokenizer) it started from
     log: runs.RunLog                        # the run's state and metrics.jsonl
     counts: tuple                           # (trainable, total) parameters
+    saved_step: int | None = None           # the step of the last checkpoint written or resumed from
 
 
 def finetune(cfg: FinetuneConfig, adapter_overrides: dict | None = None, system: SystemConfig | None = None) -> dict:
@@ -663,8 +719,10 @@ def setup_finetune(cfg: FinetuneConfig, overrides: dict, system: SystemConfig) -
     check_config(cfg)
     task = data.get_task(cfg.task)
     adapter_cfg = adapter_config_of(cfg, overrides)
-    rt = start_run(system, cfg.batch_size, cfg.seed, cfg.threads)
     out = Path(cfg.out_dir or runs.REPO / "runs" / run_name(cfg))
+    runs.check_output_folder(out, "--out-dir")                          # every place the run writes, checked
+    runs.check_results_folder(runs.results_folder(cfg.results_dir, cfg.suite))   # before its first step
+    rt = start_run(system, cfg.batch_size, cfg.seed, cfg.threads)
     ckpt = runs.read_checkpoint(out, "finetune") if system.resume else None
     out.mkdir(parents=True, exist_ok=True)
     data_dir = data.resolve_data_dir(cfg.data_dir)
@@ -694,6 +752,7 @@ def setup_finetune(cfg: FinetuneConfig, overrides: dict, system: SystemConfig) -
                       make_optimizer(model, lr, cfg.weight_decay), rt.grad_scaler(), lr, total_steps, run_config,
                       source, log=None, counts=counts)
     run.log = runs.RunLog(out, resume_finetune(run, ckpt), rt.is_main)
+    run.saved_step = run.log.state["step"] if ckpt is not None else None
     return run
 
 
@@ -728,12 +787,14 @@ def resume_finetune(run: FinetuneRun, ckpt: dict | None) -> dict:
 
 
 def save_finetune_checkpoint(run: FinetuneRun, t_start: float):
+    check_weights(run, run.log.state["step"], run.log.state["epoch"])
     run.log.state["wall_s"] = time.time() - t_start
     runs.save_checkpoint(run.out, run.rt, {
         "kind": "finetune", "config": run.run_config, "source": run.source,
         "model": runs.training_weights(run.model, run.cfg.method), "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(), "state": run.log.state,
         "allocator": run.allocator.state_dict() if run.allocator is not None else None})
+    run.saved_step = run.log.state["step"]
 
 
 def finetune_epochs(run: FinetuneRun, system: SystemConfig) -> float:
@@ -756,6 +817,7 @@ def finetune_epochs(run: FinetuneRun, system: SystemConfig) -> float:
             loss, stepped = train_step(train_model, (idx, y), rt, system.grad_accum, run.optimizer, run.scaler,
                                        params, cfg.grad_clip, regularization)
             step = state["step"] = state["step"] + 1          # optimizer steps taken, counted from 1
+            check_loss(run, loss, step, epoch)
             state["batch"] += 1
             state["tokens"] += idx.numel()
             allocation_step(run, step, stepped, epoch)
@@ -791,6 +853,7 @@ def allocation_step(run: FinetuneRun, step: int, stepped: bool, epoch: int):
 def end_of_epoch(run: FinetuneRun, epoch: int, wall_s: float):
     """Score the dev set, log it, and save the model if it is the best so far."""
     state = run.log.state
+    check_weights(run, state["step"], epoch)
     dev = evaluate(run.model, run.task, run.data.dev, run.rt)
     record = {"step": state["step"], "epoch": epoch + 1, "dev": dev, "score": dev["score"], "wall_s": wall_s}
     run.log.add(record)
@@ -840,13 +903,14 @@ def finish_finetune(run: FinetuneRun, wall: float) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "run_dir": str(run.out),
     }
     if rt.is_main:
+        # The results line first, then final.json, which marks the run finished: a run whose writing failed
+        # in between is resumed from its last checkpoint (the finished training) and appends nothing twice
+        # (append_result skips a run_id it already holds). The plots come last: a failure there loses nothing.
+        runs.append_result(result, runs.results_folder(cfg.results_dir, cfg.suite))
+        runs.atomic_write_text(run.out / runs.FINAL_FILE, json.dumps(result, indent=2))
         plots.finetune_curves(history, run.task.name, run.out / "curves.png")
         if run.allocator is not None:
             plots.allocation_plots(run.allocator.history, run.out)
-        # The results line first, final.json last: final.json marks the run finished, and a run resumed after
-        # a crash between the two appends nothing twice (append_result skips a run_id it already holds).
-        runs.append_result(result, runs.results_folder(cfg.results_dir, cfg.suite))
-        runs.atomic_write_text(run.out / runs.FINAL_FILE, json.dumps(result, indent=2))
         print(f"finetune {run.task.name} ({method}): best dev score {100 * best['score']:.2f} at epoch "
               f"{best['epoch']}, {wall / 60:.1f} min; run folder {run.out}")
     rt.barrier()
@@ -873,7 +937,7 @@ def predict(model: nn.Module, batcher, rt: runtime.Runtime | None = None) -> tup
         with rt.autocast():
             logits, loss = model(idx.to(rt.device), y.to(rt.device))
         logits = logits.float().cpu()
-        preds.append(logits.numpy() if logits.dim() == 1 else logits.argmax(-1).numpy())
+        preds.append(logits.numpy() if logits.dim() == 1 else classes(logits))
         labels.append(y.numpy())
         losses.append(loss.item() * len(y))
     model.train(was_training)
@@ -881,6 +945,14 @@ def predict(model: nn.Module, batcher, rt: runtime.Runtime | None = None) -> tup
     preds, labels, losses = ([a for part in gathered for a in part[i]] for i in range(3))
     preds, labels = np.concatenate(preds), np.concatenate(labels)
     return preds, labels, float(np.sum(losses) / len(labels))
+
+
+def classes(logits: torch.Tensor) -> np.ndarray:
+    """The predicted class of each row of (B, C) logits; nan for a row that is not finite, which the metrics
+    report as an error (argmax would quietly call it a class, and score a model of NaN weights)."""
+    pred = logits.argmax(-1).numpy()
+    finite = torch.isfinite(logits).all(-1).numpy()
+    return pred if finite.all() else np.where(finite, pred, np.nan)
 
 
 def evaluate(model: nn.Module, task: data.TaskSpec, dev_batchers: dict, rt: runtime.Runtime | None = None) -> dict:
@@ -946,7 +1018,7 @@ def inference_forms(model: GPTClassifier, adapter_cfg, task: data.TaskSpec, run_
 
 def saved_run_data(run: Path, meta: dict, data_dir: str | None, backbone: str | None, tok) -> RunData:
     """A saved run's data, rebuilt from its config.json exactly as finetune built it."""
-    cfg = json.loads((run / "config.json").read_text())["finetune"]
+    cfg = runs.read_run_config(run)["finetune"]
     task = data.get_task(meta["task"])
     ddir = data.resolve_data_dir(data_dir)
     data.ensure_task(ddir, task)
