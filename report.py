@@ -305,8 +305,9 @@ def render_report(results: list, bench: dict | None = None, data_dir=None) -> st
     budget has shrunk to the target, which would compare it to LoRA at a larger budget.
     """
     data_dir = default_data_dir() if data_dir is None else Path(data_dir)
-    suites = sorted({r.get("suite", "") for r in results})
-    parts = [render_suite(s, [r for r in results if r.get("suite", "") == s], data_dir) for s in suites]
+    # Runs of the first grids carry suite "" for the default suite; later runs name it "default".
+    suites = sorted({r.get("suite") or "default" for r in results})
+    parts = [render_suite(s, [r for r in results if (r.get("suite") or "default") == s], data_dir) for s in suites]
     if bench:
         parts.append(render_bench(bench))
     return "\n".join(parts)
@@ -318,9 +319,13 @@ def render_report(results: list, bench: dict | None = None, data_dir=None) -> st
 _NUMBER = r"[-+]?\d+(?:\.\d+)?"
 
 
-def target_met(value: str, target: str) -> bool | None:
+def target_met(value: str, target: str, low: float | None = None, high: float | None = None) -> bool | None:
     """Whether a figure meets its target ("<= 1.02", ">= 70%"), from the value's leading number, or for a
-    percentage target the percentage in the value's parentheses ("76.1 (83%)"); None when either won't parse."""
+    percentage target the percentage in the value's parentheses ("76.1 (83%)"); None when either won't parse.
+
+    A ratio measured over several rounds carries its range [low, high]: the target is met only when the
+    whole range meets it (the highest round for an upper bound, the lowest for a lower bound).
+    """
     goal = re.fullmatch(rf"\s*(<=|>=|<|>)\s*({_NUMBER})\s*(%?)\s*", target or "")
     if not goal:
         return None
@@ -330,11 +335,16 @@ def target_met(value: str, target: str) -> bool | None:
     if not found:
         return None
     x, bound = float(found.group(1)), float(bound)
+    if op in ("<=", "<") and high is not None:
+        x = high
+    if op in (">=", ">") and low is not None:
+        x = low
     return {"<=": x <= bound, ">=": x >= bound, "<": x < bound, ">": x > bound}[op]
 
 
-def _target_cell(value: str, target: str) -> str:
-    met = target_met(value, target)
+def _target_cell(row: dict) -> str:
+    target = row.get("target", "")
+    met = target_met(row["value"], target, row.get("low"), row.get("high"))
     return target if met is None else f"{target} {'✓' if met else '✗ missed'}"
 
 
@@ -342,7 +352,7 @@ def render_bench(bench: dict) -> str:
     lines = [f"**Benchmark** (`python train.py bench`, {bench['machine']}, commit {bench['commit']}, "
              f"{bench['date']}):\n", "| figure | value | target |", "|---|---|---|"]
     for row in bench["rows"]:
-        lines.append(f"| {row['name']} | {row['value']} | {_target_cell(row['value'], row.get('target', ''))} |")
+        lines.append(f"| {row['name']} | {row['value']} | {_target_cell(row)} |")
     if bench.get("note"):
         lines.append(f"\nNote: {bench['note']}")
     return "\n".join(lines) + "\n"

@@ -162,3 +162,19 @@ def test_bench_rows_are_marked():
     text = report.render_bench(bench)
     assert "| a | 0.73 (356 / 485 MiB) | <= 0.6 ✗ missed |" in text and "| b | 80.9 (88%) | >= 70% ✓ |" in text
     assert "| c | 91.5 |  |" in text
+
+
+def test_a_ratio_meets_its_target_only_when_its_whole_range_does():
+    assert report.target_met("1.010 [1.000–1.015]", "<= 1.02", 1.000, 1.015) is True
+    assert report.target_met("1.010 [1.000–1.030]", "<= 1.02", 1.000, 1.030) is False     # one round above
+    assert report.target_met("75 (75%)", ">= 70%", 68.0, 80.0) is False                   # one round below
+    row = dict(name="step time x / lora", value="1.010 [1.000–1.030]", low=1.0, high=1.03, target="<= 1.02")
+    assert "<= 1.02 ✗ missed" in report.render_bench({"machine": "m", "commit": "c", "date": "d", "rows": [row]})
+
+
+def test_suite_default_and_the_first_grids_empty_suite_are_one_table():
+    rows = [dict(task="RTE", method="lora", seed=s, suite=suite, score=0.5, last_score=0.5, trainable_params=1,
+                 final_active_adapter_params=1, wall_s=60, machine="m", commit="c")
+            for s, suite in enumerate(["", "default"])]
+    text = report.render_report(rows)
+    assert text.count("**Suite `default`**") == 1 and "(n=2)" in text
