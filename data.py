@@ -13,8 +13,8 @@ What this file holds, in order:
   5. Batching     -- BucketBatcher (length-bucketed, right-padded classification batches) and LMBatcher
                      (next-token windows), both deterministic per (seed, epoch): every process
                      builds the same batches, and runtime.py shares out the work.
-  6. Metrics      -- accuracy, F1, Matthews correlation, Pearson, Spearman with the GLUE definitions, and
-                     the per-task and average GLUE scores.
+  6. Metrics      -- accuracy, F1, Matthews correlation, Pearson, Spearman with the GLUE definitions, the
+                     per-task and average GLUE scores, and the majority-class baseline of a task.
 
 Typical use:
     task = get_task("sst2")
@@ -799,6 +799,20 @@ def task_score(task, metrics: dict) -> float:
         raise DataError(f"task_score({task.name}) needs metrics {list(task.metrics)}, missing {missing}; "
                         f"pass compute_metrics({task.name}, ...)")
     return float(np.mean([metrics[m] for m in task.metrics]))
+
+
+def majority_baseline(task, train_labels, dev_labels) -> float:
+    """The task score on one dev split of the constant predictor of the most frequent TRAIN class (a tie
+    goes to the lower class index): the floor a classifier must beat. For STS-B the constant is the train
+    mean, whose correlations are 0 (chance). MRPC's always-"paraphrase" scores (F1 81.2 + acc 68.4) / 2."""
+    task = get_task(task)
+    train_labels = np.asarray(train_labels)
+    if task.is_regression:
+        constant = float(train_labels.mean())
+    else:
+        constant = int(np.bincount(train_labels.astype(np.int64), minlength=task.num_outputs).argmax())
+    preds = np.full(len(dev_labels), constant)
+    return task_score(task, compute_metrics(task, preds, dev_labels))
 
 
 def glue_average(scores: dict) -> float:
