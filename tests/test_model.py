@@ -172,3 +172,24 @@ def test_flop_count_matches_the_linear_layers():
     block = GPT(c).blocks[0]
     linear_weights = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
     assert 24 * c.n_embd ** 2 == 2 * linear_weights
+
+
+def test_saved_configs_without_the_llama_keys_load_as_gpt2():
+    old_keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "pad_id")
+    saved = {k: v for k, v in preset("cpu").to_dict().items() if k in old_keys}
+    c = GPTConfig.from_dict(saved)
+    assert c == preset("cpu")
+    assert (c.norm, c.pos, c.mlp, c.kv_heads, c.hidden, c.tie_embeddings) == ("layernorm", "learned", "gelu", 6, 1536, True)
+
+
+def test_default_config_keeps_gpt2s_parameter_names(cfg):
+    model = GPT(cfg)
+    names = list(model.state_dict())
+    assert names[:2] == ["wte.weight", "wpe.weight"]
+    assert names[-3:] == ["ln_f.weight", "ln_f.bias", "lm_head.weight"]
+    assert [n[len("blocks.0."):] for n in names if n.startswith("blocks.0.")] == [
+        "ln_1.weight", "ln_1.bias",
+        "attn.q_proj.weight", "attn.q_proj.bias", "attn.k_proj.weight", "attn.k_proj.bias",
+        "attn.v_proj.weight", "attn.v_proj.bias", "attn.o_proj.weight", "attn.o_proj.bias",
+        "ln_2.weight", "ln_2.bias", "mlp.fc_in.weight", "mlp.fc_in.bias", "mlp.fc_out.weight", "mlp.fc_out.bias"]
+    assert list(model.buffers()) == []
