@@ -129,23 +129,14 @@ def _peak_memory_child(method: str, config_dict: dict, B: int, T: int, r: int, q
     torch.manual_seed(0)
     config = GPTConfig(**config_dict)
     _reset_peak_rss()
-    before = _status_bytes("VmRSS")
+    before = runs.memory_bytes("VmRSS")
     model = classifier(method, config, r)
     idx = torch.randint(4, config.vocab_size, (B, T))
     y = torch.randint(0, 2, (B,))
     step = make_step(model, idx, y, method, total_steps=100)
     for _ in range(3):
         step()
-    queue.put(_status_bytes("VmHWM") - before)
-
-
-def _status_bytes(key: str) -> int:
-    """A memory figure of this process from /proc/self/status (VmRSS: now; VmHWM: the peak), in bytes."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}; the memory figure needs Linux")
+    queue.put(runs.memory_bytes("VmHWM") - before)
 
 
 def _reset_peak_rss():

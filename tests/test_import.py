@@ -749,29 +749,6 @@ def smollm2(tmp_path_factory):
     return config, state, tok, model
 
 
-def perplexity(model: GPT, tok, texts: list[str], max_tokens: int = 48) -> float:
-    """exp(mean next-token cross-entropy) over the texts' first max_tokens tokens, each text after <eos>
-    (SmolLM2's <|endoftext|>, its document separator)."""
-    seqs = [[data.EOS_ID] + tok.encode(t, add_special_tokens=False).ids[:max_tokens] for t in texts]
-    T = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    targets = torch.full((len(seqs), T), -100)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        targets[i, :len(s) - 1] = torch.tensor(s[1:])
-    with torch.no_grad():
-        return math.exp(model(ids, targets)[1].item())
-
-
-def reorder_qk(model: GPT, reorder):
-    """Apply reorder(weight, n_heads) to every q_proj and k_proj weight of the model, in place."""
-    with torch.no_grad():
-        for block in model.blocks:
-            attn = block.attn
-            attn.q_proj.weight.copy_(reorder(attn.q_proj.weight, attn.n_head))
-            attn.k_proj.weight.copy_(reorder(attn.k_proj.weight, attn.n_kv_head))
-
-
 @needs_smollm2
 def test_smollm2_config_and_tokenizer(smollm2):
     config, _, tok, _ = smollm2
@@ -791,12 +768,12 @@ def test_smollm2_config_and_tokenizer(smollm2):
 def test_smollm2_perplexity_is_in_the_tens_and_needs_the_unpermutation(smollm2):
     _, _, tok, model = smollm2
     texts = [ex.text_a for ex in data.read_split(glue_dir(), "RTE", "dev")[:20]]
-    right = perplexity(model, tok, texts)
-    reorder_qk(model, imports.permute_qk)                  # the file's q/k rows, as if never un-permuted
+    right = imports.perplexity(model, tok, texts)
+    imports.reorder_qk(model, imports.permute_qk)          # the file's q/k rows, as if never un-permuted
     try:
-        wrong = perplexity(model, tok, texts)
+        wrong = imports.perplexity(model, tok, texts)
     finally:
-        reorder_qk(model, imports.unpermute_qk)
+        imports.reorder_qk(model, imports.unpermute_qk)
     print(f"SmolLM2-135M-Instruct Q4_1 perplexity on 20 RTE dev premises (48 tokens each): {right:.1f}; without "
           f"the q/k un-permutation: {wrong:.1f}")
     assert right < 100
@@ -806,11 +783,7 @@ def test_smollm2_perplexity_is_in_the_tens_and_needs_the_unpermutation(smollm2):
 @needs_smollm2
 def test_smollm2_greedy_continuation_reads_as_english(smollm2):
     _, _, tok, model = smollm2
-    ids = torch.tensor([tok.encode("The capital of France is", add_special_tokens=False).ids])
-    with torch.no_grad():
-        for _ in range(6):
-            ids = torch.cat([ids, model(ids)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    text = tok.decode(ids[0].tolist())
+    text = imports.greedy(model, tok, "The capital of France is", 6)
     print(f"greedy: {text!r}")
     continuation = text.removeprefix("The capital of France is")
     assert "Paris" in continuation or all(w.isascii() for w in continuation.split())
