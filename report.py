@@ -16,7 +16,8 @@ What this file holds, in order:
                       difference, the gated methods' merged-model cost and effective rank.
   4. render_bench  -- the benchmark's figures and targets (results/bench.json, written by bench.py), each
                       target marked ✓ or ✗ missed (target_met).
-  5. write_report  -- all of it, written between the README's <!-- results:start --> and <!-- results:end -->.
+  5. render_import -- the check of an imported backbone (results/import.json).
+  6. write_report  -- all of it, written between the README's <!-- results:start --> and <!-- results:end -->.
 
 Every number in the README's tables comes from a results file through these functions, never by hand.
 """
@@ -306,7 +307,8 @@ def render_report(results: list, bench: dict | None = None, data_dir=None) -> st
     """
     data_dir = default_data_dir() if data_dir is None else Path(data_dir)
     # Runs of the first grids carry suite "" for the default suite; later runs name it "default".
-    suites = sorted({r.get("suite") or "default" for r in results})
+    # The pretrained backbone's suite first: it is the one whose tasks can tell methods apart.
+    suites = sorted({r.get("suite") or "default" for r in results}, key=lambda name: (name != "smollm2", name))
     parts = [render_suite(s, [r for r in results if (r.get("suite") or "default") == s], data_dir) for s in suites]
     if bench:
         parts.append(render_bench(bench))
@@ -359,13 +361,35 @@ def render_bench(bench: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. Writing the README
+# 5. The import check
+
+def render_import(record: dict) -> str:
+    """The check of an imported backbone (results/import.json, written by `train.py import --check`)."""
+    return "\n".join([
+        f"**Import check** (`python train.py import --check`, {record['machine']}, commit {record['commit']}, "
+        f"{record['date']}): `{record['source']}` -> `{record['out_dir']}` (backbone sha256 "
+        f"{record['backbone_sha256'][:12]}...)\n",
+        "| figure | value |", "|---|---|",
+        f"| import time, wall (s) | {record['import_wall_s']} |",
+        f"| peak resident memory of import and check (MiB) | {record['import_peak_rss_mib']:,} |",
+        f"| next-token perplexity, first {record['sentences']} RTE dev premises (48 tokens each) | "
+        f"{record['perplexity_rte_dev']} |",
+        f"| the same with the q/k rows left in the GGUF's order (no un-permutation) | "
+        f"{record['perplexity_without_unpermutation']} |",
+        f"| greedy continuation | `{record['greedy']!r}` |"]) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Writing the README
 
 def write_report(readme: Path = README, results_dir: Path = runs.RESULTS_DIR, data_dir=None) -> str:
     """Replace the text between the README's result markers with freshly rendered tables."""
     bench_path = Path(results_dir) / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
     report = render_report(runs.load_results(results_dir), bench, data_dir)
+    import_path = Path(results_dir) / "import.json"
+    if import_path.is_file():
+        report += "\n" + render_import(json.loads(import_path.read_text()))
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise ValueError(f"{readme} has no {README_START} ... {README_END} markers; add them where the tables go")

