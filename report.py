@@ -13,7 +13,8 @@ What this file holds, in order:
   3. render_report -- per suite: the score table (methods x tasks, mean +- std over seeds, a majority-class
                       row, † on tasks no method beats it on, parameter counts, wall time over the tasks every
                       method has), the paired differences to LoRA with 95% intervals and the resolvable
-                      difference, the gated methods' merged-model cost and effective rank.
+                      difference, the gated methods' merged-model cost and effective rank, where the
+                      allocating methods put their final budget.
   4. render_bench  -- the benchmark's figures and targets (results/bench.json, written by bench.py), each
                       target marked ✓ or ✗ missed (target_met).
   5. render_import -- the check of an imported backbone (results/import.json).
@@ -279,6 +280,40 @@ def rank_table(rows, tasks, methods, labels) -> list:
     return lines
 
 
+def _allocation_shares(ranks: dict) -> tuple[float, list]:
+    """(share of the components in v_proj layers, shares in the first, middle and last third of the blocks)
+    of one final rank pattern {"gpt.blocks.<i>.attn.<proj>": components}."""
+    total = sum(ranks.values()) or 1
+    blocks = [int(name.split("blocks.")[1].split(".")[0]) for name in ranks]
+    n = max(blocks) + 1
+    thirds = [sum(k for b, k in zip(blocks, ranks.values()) if third * n <= 3 * b < (third + 1) * n) / total
+              for third in range(3)]
+    return sum(k for name, k in ranks.items() if name.endswith("v_proj")) / total, thirds
+
+
+def allocation_table(rows, tasks, methods, labels) -> list:
+    """Where the allocating methods put their final budget: the share in v_proj (the rest is in the other
+    adapted projections) and in each third of the blocks, mean over seeds (runs that recorded final_ranks)."""
+    allocating = [m for m in methods if any(r["method"] == m and r.get("final_ranks") for r in rows)]
+    if not allocating:
+        return []
+    lines = ["Allocating methods: where the final budget went -- share of the active components in v_proj; "
+             "shares in the first / middle / last third of the blocks (mean over seeds; % of the budget).\n",
+             "| method | " + " | ".join(labels[t] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for m in allocating:
+        cells = []
+        for t in tasks:
+            shares = [_allocation_shares(r["final_ranks"]) for r in _runs(rows, t, m) if r.get("final_ranks")]
+            if not shares:
+                cells.append("—")
+                continue
+            v = 100 * np.mean([s[0] for s in shares])
+            thirds = 100 * np.mean([s[1] for s in shares], axis=0)
+            cells.append(f"v {v:.0f}%; {thirds[0]:.0f} / {thirds[1]:.0f} / {thirds[2]:.0f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_suite(suite: str, rows: list, data_dir) -> str:
     tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in rows)]
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
@@ -288,7 +323,8 @@ def render_suite(suite: str, rows: list, data_dir) -> str:
     lines = [f"**Suite `{suite or 'default'}`** — GLUE dev score x 100 of the model at the end of training "
              f"(mean ± std over seeds, n = seeds), trainable parameters, wall time per run.\n"]
     for table in (score_table(rows, tasks, methods, majority, labels), paired_table(rows, tasks, methods, labels),
-                  merged_cost_table(rows, tasks, methods, labels), rank_table(rows, tasks, methods, labels)):
+                  merged_cost_table(rows, tasks, methods, labels), rank_table(rows, tasks, methods, labels),
+                  allocation_table(rows, tasks, methods, labels)):
         if table:
             lines += table + [""]
     machines, commits = sorted({r["machine"] for r in rows}), sorted({r["commit"] for r in rows})

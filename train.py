@@ -884,6 +884,7 @@ def finish_finetune(run: FinetuneRun, wall: float) -> dict:
     # The model at the end of training, whose last-epoch dev score is `last_score`: the number the report
     # compares (for an allocating method it is also the model at the target budget).
     final_active = dynlora.active_parameter_count(run.model) if method != "full" else None
+    final_ranks = run.allocator.rank_pattern() if run.allocator is not None else None     # layer -> components
     rt.barrier()                                                 # rank 0 has written the best model
     runs.restore_best(run.model, run.out, method)                # the saved model is the best epoch's
     inference = inference_forms(run.model, run.adapter_cfg, run.task, run.data, run.config.pad_id, run.out, rt) \
@@ -896,6 +897,7 @@ def finish_finetune(run: FinetuneRun, wall: float) -> dict:
         "trainable_params": run.counts[0], "total_params": run.counts[1],
         "active_adapter_params": dynlora.active_parameter_count(run.model) if method != "full" else None,
         "final_active_adapter_params": final_active, **inference,
+        "final_ranks": final_ranks,
         "train_examples": run.data.train_examples, "wall_s": round(wall, 1),
         "tokens_per_s": round(state["tokens"] / max(1e-9, wall), 1),
         "device": rt.device.type, "precision": rt.precision, "processes": rt.world_size,

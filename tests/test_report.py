@@ -187,3 +187,13 @@ def test_the_import_check_renders_its_figures():
                   date="d")
     text = report.render_import(record)
     assert "| 35.25 |" in text and "| 147.42 |" in text and "Paris" in text and "1,077" in text
+
+
+def test_the_allocation_table_gives_the_budget_shares_by_projection_and_depth():
+    ranks = {f"gpt.blocks.{b}.attn.{p}": k for b, (q, v) in enumerate([(4, 4), (0, 6), (2, 0)])
+             for p, k in (("q_proj", q), ("v_proj", v))}                      # 16 components over 3 blocks
+    v, thirds = report._allocation_shares(ranks)
+    assert v == 10 / 16 and thirds == [8 / 16, 6 / 16, 2 / 16]
+    rows = [dict(task="RTE", method="alloc", seed=0, final_ranks=ranks)]
+    table = "\n".join(report.allocation_table(rows, ["RTE"], ["alloc"], {"RTE": "RTE"}))
+    assert "| alloc | v 62%; 50 / 38 / 12 |" in table

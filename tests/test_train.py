@@ -208,6 +208,7 @@ def test_every_adapter_method_trains_saves_and_reloads(backbone, tmp_path, metho
         assert (run / "rank_heatmap.png").is_file() and (run / "budget.png").is_file()
         ranks = [r["ranks"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "ranks" in r]
         assert ranks and sum(ranks[-1].values()) == 2 * len(ranks[-1])   # final budget: target_r per layer
+        assert final["final_ranks"] == ranks[-1]                        # the result records the final pattern
         # The final model holds exactly the final rank pattern: k components of d_in + d_out = 32 + 32
         # parameters in an adapted layer (q_proj, v_proj of the 32-wide nano backbone), + k lambdas (adalora)
         # or the k x k + k entries of a live gate that touch them (dynlora).
