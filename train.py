@@ -709,7 +709,12 @@ def adapter_config_of(cfg: FinetuneConfig, overrides: dict) -> dynlora.AdapterCo
             raise ValueError(f"adapter options ({', '.join(sorted(overrides))}) need an adapter --method, "
                              f"not 'full'")
         return None
-    adapter_cfg = dynlora.config_for_method(cfg.method, **overrides)
+    try:
+        adapter_cfg = dynlora.config_for_method(cfg.method, **overrides)
+    except ValueError as err:            # AdapterConfig names its field; the user typed the field's flag
+        names = {f.name for f in fields(dynlora.AdapterConfig)}
+        raise ValueError(re.sub(r"^AdapterConfig: (\w+)", lambda m: flag(m.group(1), FLAG_NAMES)
+                                if m.group(1) in names else m.group(0), str(err))) from None
     check_config(adapter_cfg, FLAG_NAMES)
     return adapter_cfg
 

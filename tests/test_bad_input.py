@@ -298,3 +298,14 @@ def test_data_dir_that_is_a_file(backbone, tmp_path):
     code, message = cli(*replace_flag(finetune_args(backbone, tmp_path), "--data-dir", tmp_path / "glue"))
     assert code == 1 and f"{tmp_path / 'glue'} is a file, not a folder" in message, message
     assert "cannot write" not in message and "File exists" not in message
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--lora-r", "0"], "--lora-r must be a positive integer"),
+    (["--gate-penalty", "nan"], "--gate-penalty must be >= 0"),
+])
+def test_an_adapter_setting_out_of_range_names_its_flag(backbone, tmp_path, extra, expected):
+    code, message = cli("finetune", "--task", "RTE", "--method", "gate", "--backbone", backbone, "--data-dir",
+                        FIXTURES, "--epochs", "1", "--batch-size", "4", "--max-len", "32", "--out-dir",
+                        tmp_path / "run", "--results-dir", tmp_path / "results", *extra)
+    assert code == 1 and expected in message, message
