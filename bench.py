@@ -196,7 +196,7 @@ def run(quick: bool = False, out_path: Path | None = None) -> dict:
     # Gate FLOPs: counted per token against the model's forward matmul FLOPs.
     gate_cfg = dynlora.config_for_method("dynlora", r=r)
     n_gated = len(gate_cfg.targets) * config.n_layer
-    gate = n_gated * dynlora.gate_flops_per_token(r)
+    gate = n_gated * dynlora.gate_flops_per_token(r, config.n_embd, gate_cfg.gate_x_dims)
     model_fwd = matmul_flops_per_token(config, T, lm_head=False)
     rows.append(dict(name=f"gate FLOPs / model forward FLOPs (r={r}, {n_gated} gated layers)",
                      value=f"{100 * gate / model_fwd:.3f}%"))

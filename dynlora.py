@@ -102,7 +102,8 @@ class AdapterConfig:
     gating: bool = False                  # per-token input-driven gates on the rank components (chapter 2)
     # --- Chapter 2: gating ---
     gate_init: float = 1.0                # initial gate bias c: every gate starts at sigmoid(c) (0.73 for 1)
-    gate_penalty: float = 0.05            # lambda_g: weight of the mean-gate sparsity penalty in the loss
+    gate_penalty: float = 0.01            # lambda_g: weight of the mean-gate sparsity penalty in the loss
+    gate_x_dims: int = 1                  # p: learned projections P x of the layer input the gate reads besides z = A x (0 = z only)
     # --- Chapter 3: allocation ---
     target_r: int = 4                     # final average rank per adapted layer (budget = target_r x layers)
     t_init: int = 50                      # warm-up optimizer steps with all components active
@@ -130,6 +131,8 @@ class AdapterConfig:
             (self.form in ("plain", "svd"), f"form must be plain | svd, got {self.form!r}"),
             (math.isfinite(self.gate_init), f"gate_init must be a finite number, got {self.gate_init}"),
             (self.gate_penalty >= 0, f"gate_penalty must be >= 0 (it is a penalty), got {self.gate_penalty}"),
+            (isinstance(self.gate_x_dims, int) and self.gate_x_dims >= 0,
+             f"gate_x_dims must be an integer >= 0, got {self.gate_x_dims!r}"),
             (self.ortho_gamma >= 0, f"ortho_gamma must be >= 0 (it is a penalty), got {self.ortho_gamma}"),
             (0.0 <= self.beta1 < 1.0, f"beta1 must be in [0, 1), got {self.beta1}"),
             (0.0 <= self.beta2 < 1.0, f"beta2 must be in [0, 1), got {self.beta2}"),
@@ -157,12 +160,16 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AdapterConfig":
-        """Build a config from a saved dict, naming any key this version does not know."""
+        """Build a config from a saved dict, naming any key this version does not know.
+
+        A dict saved before gate_x_dims existed reads as gate_x_dims = 0, the gate it was trained with
+        (z only), not as today's default.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"AdapterConfig: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
+        return cls(**{"gate_x_dims": 0, **d})
 
 
 def config_for_method(name: str, **overrides) -> AdapterConfig:
@@ -302,9 +309,10 @@ class LoRALinear(nn.Module):
             # batch size, and z then arrives already masked, so a switched-off component is exactly 0 below
             # (also as an input of the gate).
             A = A * coef[:, None]                            # (r, d_in) * (r, 1) -> (r, d_in)
-        z = F.linear(self.dropout(x), A)                     # (..., d_in) @ (d_in, r) -> (..., r)
+        x = self.dropout(x)
+        z = F.linear(x, A)                                   # (..., d_in) @ (d_in, r) -> (..., r)
         if self.gate is not None and not self.gate.is_frozen:
-            z = z * self.gate(z, self.mask if self.masked else None)  # (..., r) * (..., r): z_i scaled by g_i(x)
+            z = z * self.gate(z, self.mask if self.masked else None, x)  # (..., r) * (..., r): z_i scaled by g_i(x)
         # out + s * z B^T as a single GEMM (addmm with beta = 1, alpha = s): the adapter adds no separate
         # scaling or addition pass over the (..., d_out) output.
         out2d = out.reshape(-1, self.d_out)                  # (..., d_out) -> (N, d_out), a view
@@ -434,7 +442,8 @@ def apply_lora(model: nn.Module, config: AdapterConfig, gate_class: type[nn.Modu
         parent = model.get_submodule(parent_name)
         gate = None
         if config.gating:
-            gate = gate_class(config.r, config.gate_init, device=linear.weight.device, dtype=linear.weight.dtype)
+            gate = gate_class(config.r, config.gate_init, d_in=linear.in_features, x_dims=config.gate_x_dims,
+                              device=linear.weight.device, dtype=linear.weight.dtype)
         layer = LoRALinear(linear, config.r, config.alpha, config.dropout, config.use_rslora, form=config.form,
                            masked=config.allocation, gate=gate, name=name)
         setattr(parent, attr, layer)
@@ -710,12 +719,17 @@ class RankGate(nn.Module):
     parameters differ, override active_parameter_count and flops_per_token too.
     """
 
-    def __init__(self, r: int, init: float = 1.0, device=None, dtype=None):
+    def __init__(self, r: int, init: float = 1.0, d_in: int = 0, x_dims: int = 0, device=None, dtype=None):
         super().__init__()
+        if x_dims and d_in < 1:
+            raise ValueError(f"RankGate: a gate reading x_dims={x_dims} projections of x needs the layer's d_in")
         factory = dict(device=device, dtype=dtype)
-        self.r = r
-        self.weight = nn.Parameter(torch.zeros(r, r, **factory))                # W_g
+        self.r, self.x_dims = r, x_dims
+        self.weight = nn.Parameter(torch.zeros(r, r + x_dims, **factory))       # W_g over [z; P x]
         self.bias = nn.Parameter(torch.full((r,), float(init), **factory))      # c
+        if x_dims:
+            self.proj = nn.Parameter(torch.empty(x_dims, d_in, **factory))      # P
+            nn.init.kaiming_uniform_(self.proj, a=math.sqrt(5))                 # as A: random, so W_g learns
         self.register_buffer("frozen_mean", torch.ones(r, **factory))
         self.register_buffer("frozen", torch.tensor(False, device=device))
         self.register_load_state_dict_post_hook(RankGate._after_load)
@@ -723,9 +737,12 @@ class RankGate(nn.Module):
         self.last_mean = None      # written by record(), read and cleared by regularization_loss()
         self.recorder = None       # set by gate_statistics() while its block runs
 
-    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """g (..., r) for the rank components z (..., r); mask (r,) is the layer's allocation mask, or None."""
-        g = torch.sigmoid(F.linear(z, self.weight, self.bias))    # (..., r) @ (r, r) + (r,) -> (..., r)
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
+        """g (..., r) for the rank components z (..., r) of the layer input x (..., d_in); mask (r,) is the
+        layer's allocation mask, or None."""
+        if self.x_dims:
+            z = torch.cat([z, F.linear(x, self.proj)], dim=-1)    # (..., r) ++ (..., p) -> (..., r + p)
+        g = torch.sigmoid(F.linear(z, self.weight, self.bias))    # (..., r + p) @ (r + p, r) + (r,) -> (..., r)
         self.record(g, mask)
         return g
 
@@ -764,23 +781,24 @@ class RankGate(nn.Module):
             self.requires_grad_(False)       # W_g and c are no longer used by the forward pass
 
     def active_parameter_count(self, k: int) -> int:
-        """The gate's parameters that touch k active components: k^2 entries of W_g and k of c."""
-        return k * k + k
+        """The gate's parameters that touch k active components: k (k + p) entries of W_g (its rows of the
+        active components, their columns of z and all p columns of P x), k of c, and all p d_in of P."""
+        return k * (k + self.x_dims) + k + (self.proj.numel() if self.x_dims else 0)
 
     @staticmethod
-    def flops_per_token(r: int) -> int:
-        """FLOPs of one gate for one token: W_g z (2 r^2), + c (r), the sigmoid (4 r: negate, exp, add 1,
-        divide) and z * g (r). For r = 8: 176, against 12,288 for the LoRA path (1.4%) and 294,912 for W0
-        (0.06%) of a 384 x 384 layer."""
-        return 2 * r * r + 6 * r
+    def flops_per_token(r: int, d_in: int = 0, x_dims: int = 0) -> int:
+        """FLOPs of one gate for one token: P x (2 p d_in), W_g [z; P x] (2 r (r + p)), + c (r), the sigmoid
+        (4 r: negate, exp, add 1, divide) and z * g (r)."""
+        return 2 * x_dims * d_in + 2 * r * (r + x_dims) + 6 * r
 
     def extra_repr(self) -> str:
-        return f"r={self.r}" + (", frozen" if self.is_frozen else "")
+        return f"r={self.r}" + (f", x_dims={self.x_dims}" if self.x_dims else "") + (", frozen" if self.is_frozen else "")
 
 
-def gate_flops_per_token(r: int) -> int:
-    """FLOPs of a RankGate of rank r for one token (RankGate.flops_per_token): 2 r^2 + 6 r, 176 for r = 8."""
-    return RankGate.flops_per_token(r)
+def gate_flops_per_token(r: int, d_in: int = 0, x_dims: int = 0) -> int:
+    """FLOPs of a RankGate of rank r for one token (RankGate.flops_per_token): 2 p d_in + 2 r (r + p) + 6 r;
+    176 for r = 8 reading z only (p = 0)."""
+    return RankGate.flops_per_token(r, d_in, x_dims)
 
 
 class GateStats:

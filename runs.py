@@ -16,7 +16,8 @@ What this file holds, in order:
                                      pretraining and fine-tuning.
   5. Backbones and models         -- save_backbone / load_backbone (what pretrain and the importers write),
                                      build_classifier, save_finetuned / load_finetuned / restore_best.
-  6. Results files                -- append_result, load_results.
+  6. Results files                -- append_jsonl / load_jsonl (one JSON line per record, appended in one
+                                     write), append_result / load_results (finetune.jsonl).
 
 Nothing here trains or evaluates: train.py decides what to write and when; this file decides how.
 """
@@ -387,19 +388,49 @@ def results_path(results_dir) -> Path:
     return (results_dir if results_dir.is_absolute() else REPO / results_dir) / RESULTS_FILE
 
 
-def append_result(result: dict, results_dir):
-    """Append one run's result line, once: a line with the same run_id already there is not written again
-    (a resumed run may repeat the end of a run that crashed after appending)."""
-    path = results_path(results_dir)
+def append_jsonl(path, record: dict, key: str = "run_id") -> bool:
+    """Append one record to a JSON-lines file as a single write, once: when `record` has `key` and a line with
+    the same value is already there, nothing is written (a resumed run may repeat the end of a run that crashed
+    after appending). Returns whether the line was written.
+
+    The line goes out in one os.write on a file opened with O_APPEND, so two writers never interleave within a
+    line and a reader sees whole lines (a crash in the middle of the call can at worst cut the last line, which
+    load_jsonl then names).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if "run_id" in result and any(r.get("run_id") == result["run_id"] for r in load_results(path.parent)):
-        return
-    with open(path, "a") as fh:
-        fh.write(json.dumps(result) + "\n")
+    if key in record and any(r.get(key) == record[key] for r in load_jsonl(path)):
+        return False
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(fd, line) != len(line):
+            raise SaveError(f"could not append to {path}: short write (disk full?)")
+    finally:
+        os.close(fd)
+    return True
+
+
+def load_jsonl(path) -> list:
+    """The records of a JSON-lines file ([] if it does not exist); a line that is not JSON raises ValueError
+    naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not a JSON line ({err.msg}); remove or repair that line") from None
+    return out
+
+
+def append_result(result: dict, results_dir):
+    """Append one run's result line to <results_dir>/finetune.jsonl, once per run_id (see append_jsonl)."""
+    append_jsonl(results_path(results_dir), result)
 
 
 def load_results(results_dir=RESULTS_DIR) -> list:
-    path = results_path(results_dir)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return load_jsonl(results_path(results_dir))

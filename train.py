@@ -8,6 +8,7 @@ train.py -- what a run does: pretrain a GPT, fine-tune it on GLUE, evaluate it; 
     python train.py export --run runs/<run>                 # an adapter run merged into a plain model.pt
     python train.py report                                  # render the README's result tables from results/
     python train.py bench                                   # speed and memory figures, side by side
+    python train.py planted [--scenarios S] [--seeds 5]     # the known-answer benchmark (planted.py)
     python train.py import-gpt2 --gpt2-dir D --out-dir O    # turn Hugging Face GPT-2 files into a backbone folder
 
     torchrun --nproc_per_node=N train.py finetune ...       # the same command on N processes (DDP)
@@ -57,6 +58,7 @@ import data
 import dynlora
 import gpt2
 import model as gptmodel
+import planted
 import plots
 import report
 import runs
@@ -1035,6 +1037,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="render the README's result tables from results/")
     p = sub.add_parser("bench", help="speed and memory figures (writes results/bench.json)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p = sub.add_parser("planted", help="the known-answer benchmark: students distilled from planted teachers")
+    add_config_args(p, planted.PlantedConfig)
     p = sub.add_parser("import-gpt2", help="convert a local Hugging Face GPT-2 folder into a backbone folder")
     p.add_argument("--gpt2-dir", required=True, help="folder with config.json, model.safetensors (or "
                                                      "pytorch_model.bin) and tokenizer.json")
@@ -1060,6 +1064,8 @@ def run_command(args: argparse.Namespace):
         print(report.write_report())
     elif args.command == "bench":
         bench.run(quick=args.quick)
+    elif args.command == "planted":
+        planted.run_benchmark(config_from_args(planted.PlantedConfig, args))
     elif args.command == "import-gpt2":
         gpt2.import_gpt2(args.gpt2_dir, args.out_dir)
 
