@@ -647,7 +647,8 @@ def run_one(base: GPT, setting: Setting, cfg: PlantedConfig, scenario: str, meth
     if dynlora.live_gates(student):
         # The same student with every gate replaced by its mean over the train windows: what the input
         # dependence of the gates is worth on held-out text.
-        dynlora.freeze_gates(student, [setting.train_idx[i:i + 64] for i in range(0, 256, 64)])
+        calibration = setting.train_idx[:256]
+        dynlora.freeze_gates(student, [calibration[i:i + 64] for i in range(0, len(calibration), 64)])
         out["rel_error_frozen_gates"] = relative_error(hidden(student, setting.heldout), setting.h_teacher,
                                                        setting.h_base)
     out["train_s"] = round(time.time() - t0, 2)
@@ -760,4 +761,40 @@ def summary_table(rows: list[dict]) -> str:
         lines.append(f"| {s['scenario']} | {s['method']} | {s['n']} | {f(s['rel_error'])} ± {f(s['rel_error_sd'])} "
                      f"| {d} | {f(s['budget_share'], '.2f')} | {f(s['rank_spearman'], '.2f')} "
                      f"| {f(s['gate_mi_bits'])} | {var} | {f(s['rel_error_frozen_gates'])} | {f(s['wall_s'], '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def variant_table(rows: list[dict]) -> str:
+    """A markdown table of result lines made with different settings (the side studies): one row per
+    (scenario, method, settings), the settings named by the --flags in which the lines differ; each method is
+    paired with the lora lines of the same scenario, seed and settings (lora does not read --adapter)."""
+    configs = [r["config"] for r in rows]
+    varying = sorted(k for k in configs[0] if k != "adapter" and len({json.dumps(c.get(k)) for c in configs}) > 1) \
+        if configs else []
+
+    def label(r, with_gate=True):
+        """The varying --flags, and a gated method's gate as it ran (from the line's own adapter_config)."""
+        bits = [f"--{k.replace('_', '-')} {r['config'][k]}" for k in varying]
+        a = r["adapter_config"]
+        if with_gate and a["gating"]:
+            bits.append(f"gate p={a.get('gate_x_dims', 0)}, penalty {a['gate_penalty']:g}, init {a['gate_init']:g}")
+        return "; ".join(bits) or "defaults"
+    lora = {(r["scenario"], r["seed"], label(r, False)): r["rel_error"] for r in rows if r["method"] == "lora"}
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["scenario"], r["method"], label(r)), []).append(r)
+    lines = ["| scenario | method | settings | n | rel. error | minus lora [95% CI] | gate MI (bit) "
+             "| frozen-gate error | open components per token |", "|---|---|---|---|---|---|---|---|---|"]
+    for (scenario, method, settings), mine in sorted(groups.items()):
+        diffs = [r["rel_error"] - lora[key] for r in mine if (key := (scenario, r["seed"], label(r, False))) in lora]
+        d = "—"
+        if method != "lora" and len(diffs) > 1:
+            m, lo, hi = paired_interval(diffs)
+            d = f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={len(diffs)})"
+
+        def mean(key):
+            values = [r[key] for r in mine if r.get(key) is not None]
+            return f"{np.mean(values):.3f}" if values else "—"
+        lines.append(f"| {scenario} | {method} | {settings} | {len(mine)} | {mean('rel_error')} | {d} "
+                     f"| {mean('gate_mi_bits')} | {mean('rel_error_frozen_gates')} | {mean('mean_effective_rank')} |")
     return "\n".join(lines) + "\n"
