@@ -249,7 +249,7 @@ def cpu_preset_rows(quick: bool) -> list:
     # Gate FLOPs: counted per token against the model's forward matmul FLOPs.
     gate_cfg = dynlora.config_for_method("dynlora", r=r)
     n_gated = len(gate_cfg.targets) * config.n_layer
-    gate = n_gated * dynlora.gate_flops_per_token(r)
+    gate = n_gated * dynlora.gate_flops_per_token(r, config.n_embd, gate_cfg.gate_x_dims)
     rows.append(dict(name=f"gate FLOPs / model forward FLOPs (r={r}, {n_gated} gated layers)",
                      value=f"{100 * gate / matmul_flops_per_token(config, T, lm_head=False):.3f}%"))
     rows += [dict(name=f"median step time {name} (ms)", value=f"{1000 * median(times, name):.1f}") for name in times]

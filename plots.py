@@ -6,6 +6,9 @@ plots.py -- the figures a run writes next to its metrics (matplotlib, PNG, no sc
   allocation_plots    for rank allocation: rank per layer over training (heat map), layer importance over
                       training, and the budget schedule
   effective_rank_hist for rank gating: how many rank components the gates switch on, per token
+  planted_scenario    the known-answer benchmark (planted.py), one scenario: held-out relative error per
+                      method and seed, final rank per layer against the planted rank, and how much the
+                      gates depend on the input
 
 Each function takes plain Python data (lists of dicts from the metrics log, or dicts of arrays), so the
 notebooks can call them on saved runs.
@@ -102,3 +105,62 @@ def effective_rank_hist(per_token_rank: dict, r: int, path):
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def planted_scenario(rows: list, scenario: str, path) -> Path:
+    """rows: planted.py's result lines of one scenario (any methods and seeds). Returns the path written."""
+    path = Path(path)
+    methods = [m for m in ("lora", "alloc", "gate", "dynlora", "adalora") if any(r["method"] == m for r in rows)]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
+    frozen_label = "gates frozen to their mean"
+    for i, m in enumerate(methods):
+        mine = [r for r in rows if r["method"] == m]
+        errs = [r["rel_error"] for r in mine]
+        ax1.plot(np.full(len(errs), i) + np.linspace(-0.15, 0.15, len(errs)), errs, "o", alpha=0.6, color=f"C{i}")
+        ax1.plot([i - 0.3, i + 0.3], [np.mean(errs)] * 2, "-", color="k", lw=2)
+        frozen = [r["rel_error_frozen_gates"] for r in mine if r.get("rel_error_frozen_gates") is not None]
+        if frozen:
+            ax1.plot(np.full(len(frozen), i) + 0.35, frozen, "x", color="grey", label=frozen_label)
+            frozen_label = None
+    ax1.set_xticks(range(len(methods)), methods)
+    ax1.set_xlim(-0.6, len(methods) - 0.2)
+    ax1.set(title=f"{scenario}: held-out distillation error", ylabel="||h_s - h_t||² / ||h_t - h_base||²  (1 = nothing)")
+    ax1.set_ylim(bottom=0)
+    ax1.grid(alpha=0.3)
+    if frozen_label is None:
+        ax1.legend(fontsize=7, loc="lower left")
+
+    planted = rows[0]["planted_ranks"]
+    x = np.arange(len(planted))
+    ax2.bar(x, planted, color="lightgrey", edgecolor="k", label="planted")
+    for i, m in enumerate(methods):
+        ranks = np.array([r["final_ranks"] for r in rows if r["method"] == m], dtype=float)
+        ax2.plot(x, ranks.mean(0), "o-", color=f"C{i}", label=m, alpha=0.8)
+    labels = [name.replace("blocks.", "").replace(".attn", "").replace(".mlp", "") for name in rows[0].get("layers", [])]
+    ax2.set_xticks(x, labels or [str(v) for v in x], rotation=45, fontsize=7)
+    ax2.set(title="final rank per adapted layer (mean over seeds)", ylabel="active rank components")
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+
+    gated = [m for m in methods if any(r.get("gate_var_tokens") is not None for r in rows if r["method"] == m)]
+    if gated:
+        width = 0.38
+
+        def mean_of(m, f):
+            vals = [f(r) for r in rows if r["method"] == m and r.get("gate_var_tokens") is not None]
+            vals = [v for v in vals if v is not None]
+            return np.mean(vals) if vals else np.nan
+        mi = [mean_of(m, lambda r: r.get("gate_mi_bits")) for m in gated]
+        share = [mean_of(m, lambda r: r["gate_var_tokens"] / (r["gate_var_tokens"] + r["gate_var_layers"])
+                         if r["gate_var_tokens"] + r["gate_var_layers"] > 0 else None) for m in gated]
+        if not all(np.isnan(mi)):
+            ax3.bar(np.arange(len(gated)) - width / 2, mi, width, label="MI(open pattern; planted kind), bit")
+        ax3.bar(np.arange(len(gated)) + width / 2, share, width,
+                label="var across tokens / (var across tokens + var across layers)")
+        ax3.set_xticks(range(len(gated)), gated)
+        ax3.set_ylim(0, 1.05)
+        ax3.legend(fontsize=7)
+    ax3.set(title="input dependence of the gates (held-out tokens)")
+    ax3.grid(alpha=0.3)
+    _save(fig, path)
+    return path

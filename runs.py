@@ -18,8 +18,9 @@ What this file holds, in order:
                                      pretraining and fine-tuning.
   5. Backbones and models         -- save_backbone / load_backbone (what pretrain and the importers write),
                                      build_classifier, save_finetuned / load_finetuned / restore_best.
-  6. Results files                -- check_results_folder, append_result (never a non-finite number),
-                                     load_results.
+  6. Results files                -- check_results_folder; append_jsonl / load_jsonl (one JSON line per record,
+                                     appended in one write); append_result (never a non-finite number) and
+                                     load_results (finetune.jsonl).
 
 Nothing here trains or evaluates: train.py decides what to write and when; this file decides how.
 """
@@ -486,21 +487,56 @@ def nonfinite_entry(record, prefix: str = "") -> tuple[str, float] | None:
     return None
 
 
+def append_jsonl(path, record: dict, key: str = "run_id") -> bool:
+    """Append one record to a JSON-lines file as a single write, once: when `record` has `key` and a line with
+    the same value is already there, nothing is written (a resumed run may repeat the end of a run that crashed
+    after appending). Returns whether the line was written.
+
+    The line goes out in one os.write on a file opened with O_APPEND, so two writers never interleave within a
+    line and a reader sees whole lines (a crash in the middle of the call can at worst cut the last line, which
+    load_jsonl then names).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if key in record and any(r.get(key) == record[key] for r in load_jsonl(path)):
+        return False
+    line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(fd, line) != len(line):
+            raise SaveError(f"could not append to {path}: short write (disk full?)")
+    finally:
+        os.close(fd)
+    return True
+
+
+def load_jsonl(path) -> list:
+    """The records of a JSON-lines file ([] if it does not exist); a line that is not JSON raises ValueError
+    naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not a JSON line ({err.msg}); remove or repair that line") from None
+    return out
+
+
 def append_result(result: dict, results_dir):
-    """Append one run's result line, once: a line with the same run_id already there is not written again
-    (a resumed run may repeat the end of a run that crashed after appending). A record holding a number
-    that is not finite is refused (ValueError naming the key): a results file holds real scores only."""
+    """Append one run's result line to <results_dir>/finetune.jsonl, once per run_id (see append_jsonl). A
+    record holding a number that is not finite is refused (ValueError naming the key): a results file holds
+    real scores only."""
     bad = nonfinite_entry(result)
     if bad is not None:
         raise ValueError(f"refusing to record a result whose {bad[0]} is {bad[1]}, not a finite number: the run "
                          f"diverged or its evaluation is broken; no result line was written")
     path = results_path(results_dir)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if "run_id" in result and any(r.get("run_id") == result["run_id"] for r in load_results(path.parent)):
-            return
-        with open(path, "a") as fh:
-            fh.write(json.dumps(result, allow_nan=False) + "\n")
+        append_jsonl(path, result)
     except OSError as err:
         raise SaveError(f"could not append the result to {path} ({err.strerror or err}); the finished training "
                         f"is kept in the run's {CHECKPOINT_FILE}: make --results-dir a writable folder and run "
@@ -508,7 +544,4 @@ def append_result(result: dict, results_dir):
 
 
 def load_results(results_dir=RESULTS_DIR) -> list:
-    path = results_path(results_dir)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return load_jsonl(results_path(results_dir))

@@ -10,6 +10,7 @@ train.py -- what a run does: pretrain a GPT, fine-tune it on GLUE, evaluate it; 
     python train.py bench                                   # speed and memory figures, side by side
     python train.py import [--from F] [--out-dir O]         # a GGUF file or a Hugging Face folder (GPT-2, Llama)
                                                             # as a backbone folder; default: SmolLM2-135M-Instruct
+    python train.py planted [--scenarios S] [--seeds 5]     # the known-answer benchmark (planted.py)
 
     torchrun --nproc_per_node=N train.py finetune ...       # the same command on N processes (DDP)
     python train.py finetune ... --resume                   # continue a killed run from its checkpoint.pt
@@ -58,6 +59,7 @@ import data
 import dynlora
 import imports
 import model as gptmodel
+import planted
 import plots
 import report
 import runs
@@ -1164,6 +1166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="then measure the import (perplexity on RTE dev "
                    "sentences, a greedy continuation, time and peak memory) into results/import.json")
     p.add_argument("--data-dir", default=None, help="GLUE folder for --check (default: $GLUE_DIR, else ./data/glue)")
+    p = sub.add_parser("planted", help="the known-answer benchmark: students distilled from planted teachers")
+    add_config_args(p, planted.PlantedConfig)
     return parser
 
 
@@ -1201,6 +1205,8 @@ def run_command(args: argparse.Namespace):
         bench.run(quick=args.quick)
     elif args.command == "import":
         import_command(args.source, args.out_dir, args.check, args.data_dir)
+    elif args.command == "planted":
+        planted.run_benchmark(config_from_args(planted.PlantedConfig, args))
 
 
 def main(argv=None):

@@ -273,12 +273,31 @@ def test_adapter_state_dict_key_names():
     state = dynlora.adapter_state_dict(model)
     layer = "gpt.blocks.0.attn.q_proj."
     assert {k[len(layer):] for k in state if k.startswith(layer)} == {
-        "lora_A", "lora_B", "mask", "gate.weight", "gate.bias", "gate.frozen_mean", "gate.frozen"}
+        "lora_A", "lora_B", "mask", "gate.weight", "gate.bias", "gate.proj", "gate.frozen_mean", "gate.frozen"}
     assert {k for k in state if not k.startswith("gpt.")} == {"head.weight", "head.bias"}
     model, _ = adapted("adalora")
     state = dynlora.adapter_state_dict(model)
     assert {k[len(layer):] for k in state if k.startswith(layer)} == {"lora_A", "lora_B", "lora_E", "mask"}
     assert dynlora.ADAPTER_FORMAT == "dynlora-adapter/2"
+
+
+def test_adapter_file_from_before_gate_x_dims_loads_as_a_gate_that_reads_z_only(tmp_path):
+    model, config = adapted("gate", gate_x_dims=0)             # the gate before gate_x_dims existed
+    randomize_B(model)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.gate.weight.normal_()
+    path = save_adapter(tmp_path / "zgate.pt", model)
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["gate_x_dims"]                       # what such a file holds
+    torch.save(payload, path)
+    fresh = classifier()
+    _, loaded, _ = load_adapter(path, fresh)
+    assert loaded.gate_x_dims == 0 and all(l.gate.x_dims == 0 for _, l in adapter_layers(fresh))
+    idx, _ = batch()
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(idx)[0], model(idx)[0])
 
 
 def test_format_1_adapter_file_is_refused_with_one_line(tmp_path):
@@ -463,7 +482,7 @@ def test_frozen_gate_is_the_mean_gate_and_survives_save_load(tmp_path):
 class HalfGate(RankGate):
     """A replacement gate for the tests: g = 1/2 for every token and component, whatever z."""
 
-    def forward(self, z, mask=None):
+    def forward(self, z, mask=None, x=None):
         g = torch.full_like(z, 0.5)                              # (..., r)
         self.record(g, mask)
         return g
@@ -744,7 +763,11 @@ def test_active_parameter_count():
     layers = adapter_layers(model)
     for (_, layer), k in zip(layers, [4, 2, 0, 3]):
         layer.mask.copy_(torch.arange(4) < k)
-    # k (32 + 32) for A rows and B columns, + k^2 + k for the gate's rows/columns and biases
+    # k (32 + 32) for A rows and B columns, + k (k + 1) + k for the gate's rows of W_g (over z and the one
+    # projection P x) and biases, + the 1 x 32 projection P itself, which every component shares
+    assert dynlora.active_parameter_count(model) == sum(k * 64 + k * (k + 1) + k + 32 for k in [4, 2, 0, 3])
+    for _, layer in layers:                    # a gate that reads z only (the design before gate_x_dims)
+        layer.gate = RankGate(4, d_in=32, x_dims=0)
     assert dynlora.active_parameter_count(model) == sum(k * 64 + k * k + k for k in [4, 2, 0, 3])
 
 
@@ -770,3 +793,6 @@ def test_method_table_and_presets():
 def test_gate_flops_per_token_by_hand():
     # r = 8: W_g z = 2 * 8 * 8 = 128, bias 8, sigmoid 4 * 8 = 32, z * g 8 -> 176
     assert dynlora.gate_flops_per_token(8) == 176
+    # + one projection of a 384-wide x: P x = 2 * 384 = 768, and W_g's extra column 2 * 8 = 16 -> 960
+    assert dynlora.gate_flops_per_token(8, d_in=384, x_dims=1) == 960
+    assert dynlora.gate_flops_per_token(8, 384, 1) == RankGate(8, d_in=384, x_dims=1).flops_per_token(8, 384, 1)

@@ -211,12 +211,12 @@ def test_every_adapter_method_trains_saves_and_reloads(backbone, tmp_path, metho
         assert final["final_ranks"] == ranks[-1]                        # the result records the final pattern
         # The final model holds exactly the final rank pattern: k components of d_in + d_out = 32 + 32
         # parameters in an adapted layer (q_proj, v_proj of the 32-wide nano backbone), + k lambdas (adalora)
-        # or the k x k + k entries of a live gate that touch them (dynlora).
-        extra = {"alloc": lambda k: 0, "adalora": lambda k: k, "dynlora": lambda k: k * k + k}[method]
+        # or a live gate's k (k + 1) + k entries of W_g and c that touch them and its 1 x 32 projection P (dynlora).
+        extra = {"alloc": lambda k: 0, "adalora": lambda k: k, "dynlora": lambda k: k * (k + 1) + k + 32}[method]
         assert final["final_active_adapter_params"] == sum(k * (32 + 32) + extra(k) for k in ranks[-1].values())
     else:                                           # rank 4 everywhere: 4 (32 + 32) per adapted layer,
-        layers = final["active_adapter_params"] // (4 * 64)    # and a live gate's 4 x 4 + 4 on top
-        gate = 4 * 4 + 4 if method == "gate" else 0
+        layers = final["active_adapter_params"] // (4 * 64)    # and a live gate's 4 x 5 + 4 + 32 on top
+        gate = 4 * 5 + 4 + 32 if method == "gate" else 0
         assert final["active_adapter_params"] == 4 * 64 * layers   # the saved model's gates are frozen
         assert final["final_active_adapter_params"] == (4 * 64 + gate) * layers
 
