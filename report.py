@@ -423,6 +423,10 @@ def write_report(readme: Path = README, results_dir: Path = runs.RESULTS_DIR, da
     bench_path = Path(results_dir) / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
     report = render_report(runs.load_results(results_dir), bench, data_dir)
+    planted_rows = runs.load_jsonl(Path(results_dir) / "planted.jsonl")
+    if planted_rows:
+        import planted                      # its table; planted imports neither report nor train
+        report += "\n" + planted.summary_table(planted_rows)
     import_path = Path(results_dir) / "import.json"
     if import_path.is_file():
         report += "\n" + render_import(json.loads(import_path.read_text()))
