@@ -3,18 +3,29 @@ bench.py -- speed and memory figures, measured side by side in one run (`python 
 
 Machines are noisy (other processes, frequency scaling), so a figure is never one timing against a number
 taken on another day: every comparison is a ratio of two things timed in the same run, interleaved round
-by round (A, B, C, A, B, C, ...), each taken as the median over rounds.
+by round (A, B, C, A, B, C, ...). A ratio is reported as its median over the rounds with the range of the
+per-round ratios, [lowest, highest]: a target counts as met only when the whole range meets it.
 
-Figures, all on the "cpu" preset (weights at random init; speed does not depend on their values):
+What this file holds, in order:
+  1. Timing          -- the fp32 matmul yardstick, interleaved rounds, ratios with their range.
+  2. Models and steps -- a classifier with each method's adapters, one training step of it.
+  3. Memory          -- the peak resident memory of a fresh process training one method.
+  4. FLOP counting   -- the matmul FLOPs of a training step with frozen weights (the adapter methods).
+  5. run             -- the figures of the "cpu" preset (the from-scratch backbone) and, unless quick, of the
+                        pretrained backbone's shape (SmolLM2-135M), written to results/bench.json, which
+                        `python train.py report` renders into the README.
+
+Figures (weights at random init; speed does not depend on their values):
   - fp32 matmul FLOP/s (2048 x 2048 x 2048): the machine's practical peak, the yardstick.
-  - achieved FLOP/s of a pretraining step and a full fine-tuning step (matmul FLOPs counted by
-    model.training_flops: 3 x forward, forward = 24 d^2 L + 4 T d L (+ 2 d V for the LM head) per token).
-  - step time of each adapter method / full fine-tuning, and of each dynamic variant / static LoRA.
+  - achieved FLOP/s of a pretraining step and a full fine-tuning step (model.training_flops: 3 x forward),
+    and of a LoRA step of SmolLM2-135M (lora_training_flops: the frozen matmuls cost forward + input
+    gradient, 2 x forward; the attention products, the adapters and the head 3 x forward).
+  - step time of each adapter method / full fine-tuning, and of each dynamic variant / static LoRA, at r = 8
+    and in the configuration the GLUE grid trains (alloc and dynlora from r = 12 to 8, against LoRA at 8).
   - peak memory of LoRA training / full fine-tuning (peak resident memory, VmHWM, of a fresh process, minus
     what it held before building the model: weights, gradients, optimizer state and activations).
   - merged-model inference time / base-model inference time.
   - the FLOPs of the rank gates as a fraction of the model's forward FLOPs (counted, not timed).
-Results go to results/bench.json, which `python train.py report` renders into the README.
 """
 
 import json
@@ -27,9 +38,12 @@ import torch
 
 import dynlora
 import runs
-from model import GPT, GPTClassifier, matmul_flops_per_token, preset, training_flops
+from model import GPT, GPTClassifier, GPTConfig, matmul_flops_per_token, preset, training_flops
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 1. Timing
+# ---------------------------------------------------------------------------------------------------------
 
 def matmul_flops_per_s(n: int, repeats: int) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -40,44 +54,8 @@ def matmul_flops_per_s(n: int, repeats: int) -> float:
     return 2 * n ** 3 * repeats / (time.perf_counter() - t)
 
 
-def make_step(model: torch.nn.Module, idx: torch.Tensor, y: torch.Tensor, method: str, total_steps: int):
-    """A closure running one full training step (forward, backward, AdamW, allocator) of `model`."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    allocator = None
-    if method not in ("full", "base"):
-        cfg = model.adapter_config
-        if cfg.allocation:
-            allocator = dynlora.RankAllocator(model, cfg, total_steps)
-    state = {"t": 0}
-
-    def step():
-        _, loss = model(idx, y)
-        if method != "full":
-            loss = loss + dynlora.regularization_loss(model)
-        loss.backward()
-        opt.step()
-        state["t"] += 1
-        if allocator is not None:
-            allocator.step(state["t"])
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
-def classifier(method: str, config, r: int) -> GPTClassifier:
-    torch.manual_seed(0)
-    model = GPTClassifier(config, num_outputs=2)
-    if method != "full":
-        # The default reallocation interval delta_t, with the warm-up cut to 2 steps so that the timed steps
-        # include reallocations (with the default t_init they would all fall in the warm-up).
-        cfg = dynlora.config_for_method(method, r=r, target_r=max(1, r * 2 // 3), t_init=2, t_final=2)
-        dynlora.apply_lora(model, cfg)
-        model.adapter_config = cfg
-    return model
-
-
-def interleaved_median(fns: dict, rounds: int, steps_per_round: int) -> dict:
-    """Median seconds per call of each function, timed in interleaved rounds."""
+def interleaved_times(fns: dict, rounds: int, steps_per_round: int) -> dict:
+    """Seconds per call of each function in each round: {name: [round 1, round 2, ...]}, timed interleaved."""
     times = {name: [] for name in fns}
     for fn in fns.values():          # warm-up: first calls allocate and pick kernels
         fn()
@@ -88,31 +66,77 @@ def interleaved_median(fns: dict, rounds: int, steps_per_round: int) -> dict:
             for _ in range(steps_per_round):
                 fn()
             times[name].append((time.perf_counter() - t) / steps_per_round)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
+
+def ratio(times: dict, a: str, b: str) -> tuple[float, float, float]:
+    """(median, lowest, highest) over the rounds of time[a] / time[b], each round's pair timed back to back."""
+    per_round = [x / y for x, y in zip(times[a], times[b])]
+    return statistics.median(per_round), min(per_round), max(per_round)
+
+
+def ratio_row(name: str, times: dict, a: str, b: str, target: str = "") -> dict:
+    mid, lo, hi = ratio(times, a, b)
+    return dict(name=name, value=f"{mid:.3f} [{lo:.3f}–{hi:.3f}]", low=lo, high=hi, target=target)
+
+
+def median(times: dict, name: str) -> float:
+    return statistics.median(times[name])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Models and steps
+# ---------------------------------------------------------------------------------------------------------
+
+def classifier(method: str, config: GPTConfig, r: int, target_r: int | None = None) -> GPTClassifier:
+    """A 2-class classifier with `method`'s adapters (none for full) at rank r (allocating: r -> target_r)."""
+    torch.manual_seed(0)
+    model = GPTClassifier(config, num_outputs=2)
+    if method != "full":
+        # The default reallocation interval delta_t, with the warm-up cut to 2 steps so that the timed steps
+        # include reallocations (with the default t_init they would all fall in the warm-up).
+        cfg = dynlora.config_for_method(method, r=r, target_r=target_r or max(1, r * 2 // 3), t_init=2, t_final=2)
+        dynlora.apply_lora(model, cfg)
+    return model
+
+
+def make_step(model: torch.nn.Module, idx: torch.Tensor, y: torch.Tensor, method: str, total_steps: int):
+    """A closure running one full training step (forward, backward, AdamW, allocator) of `model`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    cfg = getattr(model, "adapter_config", None)
+    allocator = dynlora.RankAllocator(model, cfg, total_steps) if cfg is not None and cfg.allocation else None
+    state = {"t": 0}
+
+    def step():
+        _, loss = model(idx, y)
+        if cfg is not None:
+            loss = loss + dynlora.regularization_loss(model)
+        loss.backward()
+        opt.step()
+        state["t"] += 1
+        if allocator is not None:
+            allocator.step(state["t"])
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Memory
+# ---------------------------------------------------------------------------------------------------------
 
 def _peak_memory_child(method: str, config_dict: dict, B: int, T: int, r: int, queue):
     torch.manual_seed(0)
-    from model import GPTConfig
     config = GPTConfig(**config_dict)
     _reset_peak_rss()
-    before = _status_bytes("VmRSS")
+    before = runs.memory_bytes("VmRSS")
     model = classifier(method, config, r)
     idx = torch.randint(4, config.vocab_size, (B, T))
     y = torch.randint(0, 2, (B,))
     step = make_step(model, idx, y, method, total_steps=100)
     for _ in range(3):
         step()
-    queue.put(_status_bytes("VmHWM") - before)
-
-
-def _status_bytes(key: str) -> int:
-    """A memory figure of this process from /proc/self/status (VmRSS: now; VmHWM: the peak), in bytes."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}; the memory figure needs Linux")
+    queue.put(runs.memory_bytes("VmHWM") - before)
 
 
 def _reset_peak_rss():
@@ -122,27 +146,60 @@ def _reset_peak_rss():
         fh.write("5")
 
 
-def peak_training_memory(method: str, config, B: int, T: int, r: int) -> int:
+def peak_training_memory(method: str, config: GPTConfig, B: int, T: int, r: int) -> int:
     """Bytes: peak resident memory of a fresh process training `method`, minus its memory before the model."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_memory_child, args=(method, config.to_dict(), B, T, r, queue))
     proc.start()
-    value = queue.get(timeout=600)
+    value = queue.get(timeout=1800)
     proc.join()
     return value
 
 
-def run(quick: bool = False, out_path: Path | None = None) -> dict:
+def memory_row(config: GPTConfig, B: int, T: int, r: int, target: str = "") -> dict:
+    mem = {m: peak_training_memory(m, config, B, T, r) for m in ("full", "lora")}
+    return dict(name="peak training memory lora / full", value=f"{mem['lora'] / mem['full']:.2f} "
+                f"({mem['lora'] / 2**20:.0f} / {mem['full'] / 2**20:.0f} MiB)", target=target)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. FLOP counting
+# ---------------------------------------------------------------------------------------------------------
+
+def lora_training_flops(config: GPTConfig, adapter_cfg: dynlora.AdapterConfig, n_tokens: int, seq_len: int) -> int:
+    """Matmul FLOPs of one training step of an adapter method (frozen backbone), over n_tokens.
+
+    A frozen weight needs no weight gradient, so its matmuls cost the forward product and the gradient with
+    respect to their input: 2 x forward. The attention products (q k^T and the weighted sum of v) have no
+    weights: both of their inputs need gradients, 3 x forward. The adapters (2 r (d_in + d_out) per token
+    and adapted layer) and the head train: 3 x forward. The first block's input needs no gradient (nothing
+    before it trains), a saving not subtracted here; the head's 2 d k is negligible and not counted.
+    """
+    forward = matmul_flops_per_token(config, seq_len, lm_head=False)
+    attention = 4 * seq_len * config.n_embd * config.n_layer
+    widths = {"q_proj": (config.n_embd, config.n_embd), "o_proj": (config.n_embd, config.n_embd),
+              "k_proj": (config.n_embd, config.kv_heads * config.head_dim),
+              "v_proj": (config.n_embd, config.kv_heads * config.head_dim),
+              "fc_in": (config.n_embd, config.hidden), "gate_proj": (config.n_embd, config.hidden),
+              "up_proj": (config.n_embd, config.hidden), "fc_out": (config.hidden, config.n_embd),
+              "down_proj": (config.hidden, config.n_embd)}
+    adapters = config.n_layer * sum(2 * adapter_cfg.r * sum(widths[t]) for t in adapter_cfg.targets)
+    return n_tokens * (2 * (forward - attention) + 3 * attention + 3 * adapters)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. run
+# ---------------------------------------------------------------------------------------------------------
+
+def cpu_preset_rows(quick: bool) -> list:
+    """The figures of the from-scratch backbone (the "cpu" preset; "nano" when quick)."""
     config = preset("nano") if quick else preset("cpu")
     B, T, r = (4, 16, 4) if quick else (32, 64, 8)
     rounds, per_round = (2, 1) if quick else (11, 3)
-    rows = []
-
     peak = matmul_flops_per_s(256 if quick else 2048, 3 if quick else 10)
-    rows.append(dict(name="fp32 matmul 2048^3 (GFLOP/s)", value=f"{peak / 1e9:.1f}"))
+    rows = [dict(name="fp32 matmul 2048^3 (GFLOP/s)", value=f"{peak / 1e9:.1f}")]
 
-    # Pretraining step (LM head included).
     torch.manual_seed(0)
     lm = GPT(config)
     lm_idx = torch.randint(4, config.vocab_size, (B, config.block_size if not quick else T))
@@ -154,59 +211,87 @@ def run(quick: bool = False, out_path: Path | None = None) -> dict:
         lm_opt.step()
         lm_opt.zero_grad(set_to_none=True)
 
-    # Fine-tuning steps of every method on the same batch.
-    idx = torch.randint(4, config.vocab_size, (B, T))
-    y = torch.randint(0, 2, (B,))
-    methods = ["full", *dynlora.METHODS]
-    models = {m: classifier(m, config, r) for m in methods}
-    steps = {m: make_step(models[m], idx, y, m, total_steps=1000) for m in methods}
-    timed = interleaved_median({"pretrain": lm_step, **steps}, rounds, per_round)
-    peak_again = matmul_flops_per_s(256 if quick else 2048, 3 if quick else 10)
-    peak = max(peak, peak_again)
+    # Fine-tuning steps of every method on the same batch; "alloc 12->8" and "dynlora 12->8" are the grid's.
+    idx, y = torch.randint(4, config.vocab_size, (B, T)), torch.randint(0, 2, (B,))
+    grid_r = (6, 4) if quick else (12, 8)
+    models = {m: classifier(m, config, r) for m in ("full", *dynlora.METHODS)}
+    models |= {f"{m} {grid_r[0]}->{grid_r[1]}": classifier(m, config, grid_r[0], grid_r[1]) for m in ("alloc", "dynlora")}
+    steps = {name: make_step(m, idx, y, name.split()[0], total_steps=1000) for name, m in models.items()}
+    times = interleaved_times({"pretrain": lm_step, **steps}, rounds, per_round)
+    peak = max(peak, matmul_flops_per_s(256 if quick else 2048, 3 if quick else 10))
 
-    lm_flops = training_flops(config, lm_idx.numel(), lm_idx.shape[1], lm_head=True) / timed["pretrain"]
-    ft_flops = training_flops(config, idx.numel(), T, lm_head=False) / timed["full"]
+    lm_flops = training_flops(config, lm_idx.numel(), lm_idx.shape[1], lm_head=True) / median(times, "pretrain")
+    ft_flops = training_flops(config, idx.numel(), T, lm_head=False) / median(times, "full")
     rows.append(dict(name=f"pretraining step, B={B} T={lm_idx.shape[1]} (GFLOP/s, % of matmul)",
                      value=f"{lm_flops / 1e9:.1f} ({100 * lm_flops / peak:.0f}%)", target=">= 70%"))
     rows.append(dict(name=f"full fine-tuning step, B={B} T={T} (GFLOP/s, % of matmul)",
                      value=f"{ft_flops / 1e9:.1f} ({100 * ft_flops / peak:.0f}%)", target=">= 70%"))
     for m in dynlora.METHODS:
-        rows.append(dict(name=f"step time {m} / full (r={r})", value=f"{timed[m] / timed['full']:.3f}",
-                         target="<= 0.72" if m == "lora" else ""))
+        rows.append(ratio_row(f"step time {m} / full (r={r})", times, m, "full", "<= 0.72" if m == "lora" else ""))
     for m in dynlora.METHODS:
         if m != "lora":
-            rows.append(dict(name=f"step time {m} / lora (r={r})", value=f"{timed[m] / timed['lora']:.3f}",
-                             target="<= 1.02"))
-
-    # Peak memory, each in a fresh process.
-    mem = {m: peak_training_memory(m, config, B, T, r) for m in ("full", "lora")}
-    rows.append(dict(name="peak training memory lora / full", value=f"{mem['lora'] / mem['full']:.2f} "
-                     f"({mem['lora'] / 2**20:.0f} / {mem['full'] / 2**20:.0f} MiB)", target="<= 0.6"))
+            rows.append(ratio_row(f"step time {m} / lora (r={r})", times, m, "lora", "<= 1.02"))
+    for m in ("alloc", "dynlora"):
+        name = f"{m} {grid_r[0]}->{grid_r[1]}"
+        rows.append(ratio_row(f"step time {name} / lora (r={r}), the grid's configuration", times, name, "lora",
+                              "<= 1.02"))
+    rows.append(memory_row(config, B, T, r, "<= 0.6"))
 
     # Inference: the base model against the LoRA model merged back into plain Linear layers.
     base = models["full"].eval()
     merged = dynlora.merge_and_unload(models["lora"]).eval()
     infer_idx = torch.randint(4, config.vocab_size, (2 * B, T))
     with torch.no_grad():
-        inf = interleaved_median({"base": lambda: base(infer_idx), "merged": lambda: merged(infer_idx)},
-                                 rounds=2 * rounds, steps_per_round=per_round * 2)
-    rows.append(dict(name="inference merged lora / base", value=f"{inf['merged'] / inf['base']:.3f}",
-                     target="<= 1.01"))
+        inf = interleaved_times({"base": lambda: base(infer_idx), "merged": lambda: merged(infer_idx)},
+                                rounds=2 * rounds, steps_per_round=per_round * 2)
+    rows.append(ratio_row("inference merged lora / base", inf, "merged", "base", "<= 1.01"))
 
     # Gate FLOPs: counted per token against the model's forward matmul FLOPs.
     gate_cfg = dynlora.config_for_method("dynlora", r=r)
     n_gated = len(gate_cfg.targets) * config.n_layer
     gate = n_gated * dynlora.gate_flops_per_token(r, config.n_embd, gate_cfg.gate_x_dims)
-    model_fwd = matmul_flops_per_token(config, T, lm_head=False)
     rows.append(dict(name=f"gate FLOPs / model forward FLOPs (r={r}, {n_gated} gated layers)",
-                     value=f"{100 * gate / model_fwd:.3f}%"))
+                     value=f"{100 * gate / matmul_flops_per_token(config, T, lm_head=False):.3f}%"))
+    rows += [dict(name=f"median step time {name} (ms)", value=f"{1000 * median(times, name):.1f}") for name in times]
+    return rows
 
-    for name, sec in timed.items():
-        rows.append(dict(name=f"median step time {name} (ms)", value=f"{1000 * sec:.1f}"))
+
+def smollm2_rows(B: int = 8, T: int = 64, rounds: int = 5) -> list:
+    """LoRA (r = 8 on q, v) and full fine-tuning steps of the SmolLM2-135M shape: FLOP/s against the matmul
+    yardstick, tokens/s, peak memory."""
+    config = preset("smollm2-135m", vocab_size=49152 + 3)      # the imported vocabulary: 3 tokens added
+    idx, y = torch.randint(4, config.vocab_size, (B, T)), torch.randint(0, 2, (B,))
+    models = {m: classifier(m, config, 8) for m in ("full", "lora")}
+    steps = {m: make_step(model, idx, y, m, total_steps=1000) for m, model in models.items()}
+    peak = matmul_flops_per_s(2048, 10)
+    times = interleaved_times(steps, rounds, 1)
+    peak = max(peak, matmul_flops_per_s(2048, 10))
+    lora_flops = lora_training_flops(config, models["lora"].adapter_config, idx.numel(), T) / median(times, "lora")
+    full_flops = training_flops(config, idx.numel(), T, lm_head=False) / median(times, "full")
+    tag = f"SmolLM2-135M, B={B} T={T}"
+    rows = [dict(name=f"{tag}: fp32 matmul 2048^3 (GFLOP/s), same run", value=f"{peak / 1e9:.1f}"),
+            dict(name=f"{tag}: LoRA step (GFLOP/s, % of matmul)",
+                 value=f"{lora_flops / 1e9:.1f} ({100 * lora_flops / peak:.0f}%)", target=">= 70%"),
+            dict(name=f"{tag}: full fine-tuning step (GFLOP/s, % of matmul)",
+                 value=f"{full_flops / 1e9:.1f} ({100 * full_flops / peak:.0f}%)"),
+            dict(name=f"{tag}: LoRA / full tokens/s", value=f"{idx.numel() / median(times, 'lora'):.0f} / "
+                 f"{idx.numel() / median(times, 'full'):.0f}"),
+            ratio_row(f"{tag}: step time lora / full", times, "lora", "full")]
+    mem = memory_row(config, B, T, 8)
+    return rows + [{**mem, "name": f"{tag}: " + mem["name"]}]
+
+
+def run(quick: bool = False, out_path: Path | None = None) -> dict:
+    """Every figure; written to results/bench.json (quick: only to out_path, if given)."""
+    t0 = time.time()
+    rows = cpu_preset_rows(quick)
+    if not quick:
+        rows += smollm2_rows()
     result = {"machine": runs.machine_description(), "commit": runs.git_commit(),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "quick": quick, "rows": rows}
+              "date": time.strftime("%Y-%m-%d %H:%M"), "quick": quick, "wall_s": round(time.time() - t0),
+              "rows": rows}
     for row in rows:
-        print(f"{row['name']:<62} {row['value']:>22}   {row.get('target', '')}")
+        print(f"{row['name']:<72} {row['value']:>26}   {row.get('target', '')}")
     if not quick or out_path is not None:
         runs.atomic_write_text(out_path or runs.RESULTS_DIR / "bench.json", json.dumps(result, indent=2))
     return result

@@ -13,8 +13,8 @@ What this file holds, in order:
   5. Batching     -- BucketBatcher (length-bucketed, right-padded classification batches) and LMBatcher
                      (next-token windows), both deterministic per (seed, epoch): every process
                      builds the same batches, and runtime.py shares out the work.
-  6. Metrics      -- accuracy, F1, Matthews correlation, Pearson, Spearman with the GLUE definitions, and
-                     the per-task and average GLUE scores.
+  6. Metrics      -- accuracy, F1, Matthews correlation, Pearson, Spearman with the GLUE definitions, the
+                     per-task and average GLUE scores, and the majority-class baseline of a task.
 
 Typical use:
     task = get_task("sst2")
@@ -29,6 +29,7 @@ Every problem with the data raises DataError (a ValueError) with a single line s
 """
 
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -70,6 +71,7 @@ class TaskSpec:
     metrics: tuple          # metric names, see compute_metrics
     zip_name: str | None    # file on the GLUE mirror; None for MRPC, which is built from SentEval's files
     skip_malformed: bool = False   # QQP only: rows with the wrong column count are skipped with a warning
+    score_range: tuple = (0.0, 5.0)   # regression only: the allowed scores (STS-B's similarity, 0 to 5)
 
     @property
     def is_regression(self) -> bool:
@@ -155,7 +157,9 @@ def get_task(name) -> TaskSpec:
 # Texts and labels are stripped of surrounding whitespace: SST-2 sentences end with a space, and a file
 # saved with Windows line endings leaves a "\r" on the last column. A row with the wrong number of columns
 # is an error, except in QQP, whose official train file has a few broken rows (a question split over two
-# lines): those are skipped with one warning, as most GLUE readers do.
+# lines): those are skipped with one warning, as most GLUE readers do. So are, naming file:line, a first line
+# that is a data row where the header row belongs (it would be dropped as the header), an STS-B score that
+# is not a finite number from 0 to 5, and old-Mac CR-only line endings (the file would read as one line).
 
 @dataclass
 class Example:
@@ -176,10 +180,13 @@ def read_split(data_dir, task, split: str) -> list[Example]:
     if split not in task.split_files:
         raise DataError(f"{task.name} has no split {split!r}; valid splits: {', '.join(task.split_files)}")
     data_dir = Path(data_dir)
+    _check_folder(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"GLUE data folder {data_dir} does not exist; set --data-dir or $GLUE_DIR "
                         f"(or let ensure_task download the task)")
     path = data_dir / task.name / task.split_files[split]
+    _check_folder(path.parent)
+    _check_file(path)
     if not path.is_file():
         raise DataError(f"{path} not found; put the official GLUE {task.name} files in {path.parent} "
                         f"(or let ensure_task download them)")
@@ -189,6 +196,10 @@ def read_split(data_dir, task, split: str) -> list[Example]:
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8; replace the file with the official GLUE one") from None
+    if "\n" not in text and "\r" in text.rstrip("\r"):  # old Mac files end their lines with a bare CR
+        raise DataError(f"{path}: the line endings are CR only (an old Mac format), so the file reads as one "
+                        f"line; convert them to LF (e.g. `tr '\\r' '\\n' < {path.name} > fixed.tsv`) or use "
+                        f"the official GLUE file")
 
     lines = text.split("\n")
     if lines[-1] == "":                                    # the usual final newline (CoLA dev has none)
@@ -208,15 +219,12 @@ def read_split(data_dir, task, split: str) -> list[Example]:
                 continue
             raise DataError(f"{path}:{line_no}: expected {n_columns} tab-separated columns, got {len(columns)}; "
                             f"the file must be the official GLUE {task.name} {path.name} (tabs, no quoting)")
-        if line_no < first_row:
-            continue
         raw_label = columns[task.label_column].strip()
+        if line_no < first_row:
+            _check_header(path, task, raw_label, label_index)
+            continue
         if task.is_regression:
-            try:
-                label = float(raw_label)
-            except ValueError:
-                raise DataError(f"{path}:{line_no}: label {raw_label!r} is not a number; "
-                                f"{task.name} needs a similarity score in its last column") from None
+            label = _score(path, line_no, task, raw_label)
         elif raw_label in label_index:
             label = label_index[raw_label]
         else:
@@ -231,6 +239,51 @@ def read_split(data_dir, task, split: str) -> list[Example]:
     if not examples:
         raise DataError(f"{path}: the file has no usable data rows; replace it with the official GLUE file")
     return examples
+
+
+def _check_folder(folder: Path):
+    """A folder of the data path that exists but is a file: say so (rather than "missing", or a download
+    that fails to create it)."""
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} is a file, not a folder; --data-dir (or $GLUE_DIR) must be the GLUE folder, "
+                        f"holding one folder per task (SST-2/, RTE/, ...)")
+
+
+def _check_file(path: Path):
+    if path.exists() and not path.is_file():
+        raise DataError(f"{path} is a folder, not a file; put the official GLUE {path.name} there in its place")
+
+
+def _check_header(path: Path, task: TaskSpec, cell: str, label_index: dict):
+    """The first line of a file with a header row must not be a data row: reading it as the header would
+    silently drop the file's first example. Its label cell ("label", "score", "gold_label", ...) tells."""
+    is_data = cell in label_index if not task.is_regression else _is_number(cell)
+    if is_data:
+        raise DataError(f"{path}:1: the first line is a data row, not the header row that {task.name} files "
+                        f"start with (its label column holds {cell!r}); add the header line of the official "
+                        f"GLUE file, or use that file")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _score(path: Path, line_no: int, task: TaskSpec, raw_label: str) -> float:
+    """A regression label: a finite number within the task's score range."""
+    low, high = task.score_range
+    try:
+        label = float(raw_label)
+    except ValueError:
+        raise DataError(f"{path}:{line_no}: label {raw_label!r} is not a number; "
+                        f"{task.name} needs a similarity score in its last column") from None
+    if not (math.isfinite(label) and low <= label <= high):
+        raise DataError(f"{path}:{line_no}: score {raw_label!r} is not a number from {low:g} to {high:g}; "
+                        f"fix the row or replace the file with the official GLUE one")
+    return label
 
 
 def pretrain_texts(data_dir, tasks) -> list[str]:
@@ -269,6 +322,10 @@ def ensure_task(data_dir, task, download: bool = True, base_url: str | None = No
     """The task's folder, downloading the task first (see download_task) if any train/dev file is missing."""
     task = get_task(task)
     folder = Path(data_dir) / task.name
+    _check_folder(Path(data_dir))
+    _check_folder(folder)
+    for name in task.split_files.values():
+        _check_file(folder / name)
     missing = [f for f in task.split_files.values() if not (folder / f).is_file()]
     if not missing:
         return folder
@@ -635,13 +692,24 @@ class LMBatcher:
 # The definitions GLUE uses (as computed by scikit-learn and SciPy), in numpy. Arguments are (preds, labels);
 # all five metrics are symmetric in them. Values are fractions in [0, 1] ([-1, 1] for correlations); reports
 # multiply by 100. Where a metric is undefined (a constant input) it is 0.0, as scikit-learn does for MCC
-# and F1 (SciPy would return nan for the correlations).
+# and F1 (SciPy would return nan for the correlations). A prediction or label that is nan or inf is an
+# error (DataError), never ranked, counted or scored; correlations are computed on standardised float64
+# values, so that huge ones do not overflow.
 
 def _pair(preds, labels) -> tuple[np.ndarray, np.ndarray]:
+    """The two arrays, checked: equally long, not empty, and every number finite -- a NaN prediction (a
+    model whose weights diverged) is an error, not a rank or a class."""
     preds, labels = np.asarray(preds).reshape(-1), np.asarray(labels).reshape(-1)
     if len(preds) != len(labels) or len(preds) == 0:
         raise DataError(f"metrics need equally many predictions and labels, at least one; "
                         f"got {len(preds)} and {len(labels)}")
+    for name, values in (("predictions", preds), ("labels", labels)):
+        bad = int(np.count_nonzero(~np.isfinite(values))) if values.dtype.kind in "fc" else 0
+        if bad:
+            fix = "the model's outputs diverged (its weights are not finite numbers): retrain it, e.g. with " \
+                  "a lower --lr" if name == "predictions" else "check the data's labels"
+            raise DataError(f"{bad} of {len(values)} {name} are not finite (nan or inf), so no score can be "
+                            f"computed; {fix}")
     return preds, labels
 
 
@@ -676,12 +744,22 @@ def matthews_corrcoef(preds, labels) -> float:
     return float(cov_tp / denom) if denom else 0.0
 
 
+def _standardised(x: np.ndarray) -> np.ndarray:
+    """x in float64, centred and scaled to a largest magnitude of 1 (all zeros if constant): the sums of
+    products below then never overflow, however large the values (1e200, or float32's 3e38)."""
+    x = x.astype(np.float64)
+    top = np.max(np.abs(x))
+    x = x / top if top > 0 else x          # scaled first: the sum inside the mean of huge values would overflow
+    x = x - x.mean()
+    top = np.max(np.abs(x))
+    return x / top if top > 0 else x
+
+
 def pearson(preds, labels) -> float:
     preds, labels = _pair(preds, labels)
-    x = preds.astype(np.float64) - preds.mean()
-    y = labels.astype(np.float64) - labels.mean()
+    x, y = _standardised(preds), _standardised(labels)
     denom = np.sqrt((x @ x) * (y @ y))
-    return float(x @ y / denom) if denom else 0.0
+    return float(np.clip(x @ y / denom, -1.0, 1.0)) if denom else 0.0
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -721,6 +799,20 @@ def task_score(task, metrics: dict) -> float:
         raise DataError(f"task_score({task.name}) needs metrics {list(task.metrics)}, missing {missing}; "
                         f"pass compute_metrics({task.name}, ...)")
     return float(np.mean([metrics[m] for m in task.metrics]))
+
+
+def majority_baseline(task, train_labels, dev_labels) -> float:
+    """The task score on one dev split of the constant predictor of the most frequent TRAIN class (a tie
+    goes to the lower class index): the floor a classifier must beat. For STS-B the constant is the train
+    mean, whose correlations are 0 (chance). MRPC's always-"paraphrase" scores (F1 81.2 + acc 68.4) / 2."""
+    task = get_task(task)
+    train_labels = np.asarray(train_labels)
+    if task.is_regression:
+        constant = float(train_labels.mean())
+    else:
+        constant = int(np.bincount(train_labels.astype(np.int64), minlength=task.num_outputs).argmax())
+    preds = np.full(len(dev_labels), constant)
+    return task_score(task, compute_metrics(task, preds, dev_labels))
 
 
 def glue_average(scores: dict) -> float:

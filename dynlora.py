@@ -607,7 +607,7 @@ def save_adapter(path, model: nn.Module, config: AdapterConfig | None = None, ex
     return path
 
 
-def load_adapter(path, model: nn.Module, gate_class: type[nn.Module] | None = None
+def load_adapter(path, model: nn.Module, gate_class: type[nn.Module] | None = None, payload: dict | None = None
                  ) -> tuple[nn.Module, AdapterConfig, dict]:
     """Apply an adapter file to a plain model with the same backbone: returns (model, config, extra).
 
@@ -615,9 +615,13 @@ def load_adapter(path, model: nn.Module, gate_class: type[nn.Module] | None = No
     tensors are loaded, so the result computes exactly what the model that was saved computed. A file that
     does not fit the backbone -- other shapes, other n_layer, or the same shapes with other weights -- raises
     ValueError naming the file and the first difference; so does a file of an older format.
+
+    payload: the file's contents, already read by the caller (runs.read_torch_file, which names a damaged
+    file); path then only names the file in messages. Without it the file is read here (weights_only).
     """
     path = Path(path)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload is None:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(payload, dict) and payload.get("format") == "dynlora-adapter/1":
         raise ValueError(f"adapter file {path} was written by an older version of dynlora.py (format 1, whose gate "
                          f"tensors have other names: gate_weight, gate_bias, frozen_gate, gate_frozen); re-run the "

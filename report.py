@@ -4,19 +4,34 @@ report.py -- what a run reports: the README's result tables and the benchmark ta
     python train.py report        # re-renders the tables between the README's result markers
 
 What this file holds, in order:
-  1. render_report -- one table per suite: methods x tasks, the dev score of the model at the end of training
-                      (mean +- std over seeds), parameter counts, wall time; the gated methods' effective rank.
-  2. render_bench  -- the benchmark's figures and targets (results/bench.json, written by bench.py).
-  3. write_report  -- both, written between the README's <!-- results:start --> and <!-- results:end -->.
+  1. Statistics    -- t_quantile_95 (two-sided 95% t quantiles, df 1..30, normal above), paired_ci (mean and
+                      t interval half-width of paired differences), paired_diffs (a method minus LoRA, runs
+                      of the same task and seed paired), resolvable_difference (the smallest difference the
+                      seeds can resolve), merged_costs (merged model minus the best-epoch model it came from).
+  2. Baselines     -- default_data_dir, majority_scores: the dev score of the majority-class predictor per
+                      task (data.majority_baseline), "—" where the GLUE files are not found.
+  3. render_report -- per suite: the score table (methods x tasks, mean +- std over seeds, a majority-class
+                      row, † on tasks no method beats it on, parameter counts, wall time over the tasks every
+                      method has), the paired differences to LoRA with 95% intervals and the resolvable
+                      difference, the gated methods' merged-model cost and effective rank, where the
+                      allocating methods put their final budget.
+  4. render_bench  -- the benchmark's figures and targets (results/bench.json, written by bench.py), each
+                      target marked ✓ or ✗ missed (target_met).
+  5. render_import -- the check of an imported backbone (results/import.json).
+  6. write_report  -- all of it, written between the README's <!-- results:start --> and <!-- results:end -->.
 
 Every number in the README's tables comes from a results file through these functions, never by hand.
 """
 
 import json
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 
+import data
+import dynlora
 import runs
 
 README = runs.REPO / "README.md"
@@ -24,7 +39,102 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 TASK_ORDER = ["CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "WNLI"]
 METHOD_ORDER = ["full", "lora", "alloc", "gate", "dynlora", "adalora"]
+BASELINE = "lora"                                               # every paired difference is to LoRA
+DYNAMIC = [m for m in dynlora.METHODS if m != BASELINE]         # alloc, gate, dynlora, adalora
+GATED = [m for m, preset in dynlora.METHODS.items() if preset["gating"]]   # gate, dynlora
 
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Statistics
+#
+# Runs with the same seed share their batch order (and initialisation where shapes agree) across methods,
+# so a method is compared with LoRA seed by seed: d_s = score(method, s) - score(lora, s). With n pairs, the
+# 95% interval of the mean difference is mean(d) +- t(n - 1) sd(d) / sqrt(n), t the two-sided 95% quantile
+# of Student's t with n - 1 degrees of freedom.
+
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,      # df 1..10
+       2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,       # df 11..20
+       2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]       # df 21..30
+Z95 = 1.960                                                     # the normal quantile, for df > 30
+
+
+def t_quantile_95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with df degrees of freedom (t(2) = 4.303)."""
+    if df < 1:
+        raise ValueError(f"t_quantile_95 needs df >= 1, got {df}")
+    return T95[df - 1] if df <= len(T95) else Z95
+
+
+def paired_ci(diffs) -> tuple[float, float | None, int]:
+    """(mean, half-width of the 95% t interval, n) of paired differences; half-width None when n < 2."""
+    diffs = np.asarray(diffs, dtype=np.float64)
+    n = len(diffs)
+    if n < 2:
+        return (float(diffs.mean()) if n else math.nan), None, n
+    half = t_quantile_95(n - 1) * diffs.std(ddof=1) / math.sqrt(n)
+    return float(diffs.mean()), float(half), n
+
+
+def _by_seed(rows, task, method) -> dict:
+    """{seed: record} of one task and method (a repeated seed: its last record)."""
+    return {r["seed"]: r for r in rows if r["task"] == task and r["method"] == method}
+
+
+def paired_diffs(rows, task, method, key="last_score") -> list[float]:
+    """100 x (method - LoRA) of `key`, one per seed both have, in seed order; unpaired seeds are skipped."""
+    ours, base = _by_seed(rows, task, method), _by_seed(rows, task, BASELINE)
+    return [100 * (ours[s][key] - base[s][key]) for s in sorted(set(ours) & set(base))]
+
+
+def resolvable_difference(diff_lists) -> tuple[float | None, int]:
+    """(t(n - 1) sd / sqrt(n), n): the half-width of a paired interval, with sd pooled over the given lists of
+    differences (those with n >= 2) and n the fewest pairs among them; (None, 0) when no list has 2 pairs."""
+    lists = [d for d in diff_lists if len(d) >= 2]
+    if not lists:
+        return None, 0
+    pooled_var = sum((len(d) - 1) * np.var(d, ddof=1) for d in lists) / sum(len(d) - 1 for d in lists)
+    n = min(len(d) for d in lists)
+    return t_quantile_95(n - 1) * math.sqrt(pooled_var) / math.sqrt(n), n
+
+
+def merged_costs(rows, task, method) -> list[float]:
+    """100 x (merged_score - score) per run: the merged model (gates frozen to their means) against the
+    best-epoch model it was merged from (`score`, not `last_score`)."""
+    return [100 * (r["merged_score"] - r["score"]) for r in _by_seed(rows, task, method).values()
+            if r.get("merged_score") is not None and r.get("score") is not None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Baselines: the majority class, decided on the train labels and scored on the dev labels with the task's
+# GLUE metric (for STS-B a constant prediction, whose correlation is 0: chance). Read afresh each time.
+
+def default_data_dir() -> Path | None:
+    """The GLUE folder: data.resolve_data_dir(None) ($GLUE_DIR, else ./data/glue), else ../shared/glue beside
+    the repository; None when neither exists."""
+    for folder in (data.resolve_data_dir(None), runs.REPO.parent / "shared" / "glue"):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def majority_score(task, data_dir) -> float | None:
+    """The majority-class dev score of a task (the mean over MNLI's two dev splits); None without its files."""
+    try:
+        spec = data.get_task(task)
+        train = [e.label for e in data.read_split(data_dir, spec, "train")]
+        return float(np.mean([data.majority_baseline(spec, train, [e.label for e in data.read_split(data_dir, spec, s)])
+                              for s in spec.dev_files]))
+    except (data.DataError, OSError):
+        return None
+
+
+def majority_scores(tasks, data_dir) -> dict:
+    """{task: majority-class dev score or None}; all None when data_dir is None."""
+    return {t: (majority_score(t, data_dir) if data_dir is not None else None) for t in tasks}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. The result tables
 
 def _count_range(values) -> str:
     """'49,152', '49,537–49,922' (min–max over runs), or '—' when no run has the count (None)."""
@@ -34,78 +144,292 @@ def _count_range(values) -> str:
     return f"{values[0]:,}" if values[0] == values[-1] else f"{values[0]:,}–{values[-1]:,}"
 
 
-def render_report(results: list, bench: dict | None = None) -> str:
-    """Markdown tables of the results: one per suite, methods x tasks, mean +- std over seeds.
+def _points(x: float) -> str:
+    """A score in points with one decimal, never '-0.0'."""
+    return f"{round(x, 1) + 0.0:.1f}"
 
-    A cell is the dev score of the model at the end of training (`last_score`), not of the best epoch: GLUE's
+
+def _signed(x: float) -> str:
+    return f"{round(x, 1) + 0.0:+.1f}"
+
+
+def _runs(rows, task, method) -> list:
+    return [r for r in rows if r["task"] == task and r["method"] == method]
+
+
+def _mean_score(rows, task, method) -> float | None:
+    scores = [r["last_score"] for r in _runs(rows, task, method)]
+    return float(np.mean(scores)) if scores else None
+
+
+def uninformative(rows, tasks, methods, majority: dict) -> set:
+    """Tasks where no method's mean final score exceeds the majority-class score (known majority only)."""
+    return {t for t in tasks if majority.get(t) is not None
+            and not any((s := _mean_score(rows, t, m)) is not None and s > majority[t] for m in methods)}
+
+
+def wall_tasks(rows, tasks, methods) -> list:
+    """The tasks every method of the suite has run: the only ones whose wall times compare."""
+    return [t for t in tasks if all(_runs(rows, t, m) for m in methods)]
+
+
+def _score_row(rows, m, tasks, common) -> str:
+    cells, means = [], []
+    for t in tasks:
+        scores = [100 * r["last_score"] for r in _runs(rows, t, m)]
+        if not scores:
+            cells.append("—")
+            continue
+        means.append(np.mean(scores))
+        sd = f" ± {np.std(scores, ddof=1):.1f}" if len(scores) > 1 else ""
+        cells.append(f"{np.mean(scores):.1f}{sd} (n={len(scores)})")
+    runs_of = [r for t in tasks for r in _runs(rows, t, m)]
+    avg = f"{np.mean(means):.1f}" if len(means) == len(tasks) else "—"
+    wall = (f"{np.mean([np.mean([r['wall_s'] for r in _runs(rows, t, m)]) for t in common]) / 60:.1f}"
+            if common else "—")
+    return (f"| {m} | " + " | ".join(cells) + f" | {avg} | {_count_range({r['trainable_params'] for r in runs_of})} "
+            f"| {_count_range({r.get('final_active_adapter_params') for r in runs_of})} | {wall} |")
+
+
+def _majority_row(tasks, majority) -> str:
+    cells = [_points(100 * majority[t]) if majority.get(t) is not None else "—" for t in tasks]
+    known = [majority[t] for t in tasks if majority.get(t) is not None]
+    avg = _points(100 * np.mean(known)) if len(known) == len(tasks) else "—"
+    return "| majority class | " + " | ".join(cells) + f" | {avg} | — | — | — |"
+
+
+def score_table(rows, tasks, methods, majority, labels) -> list:
+    common = wall_tasks(rows, tasks, methods)
+    over = ", ".join(common) if common else "none: no task has a run of every method"
+    lines = ["| method | " + " | ".join(labels[t] for t in tasks) + " | avg | trainable params "
+             "| active adapter params (final model) | wall (min per run) |", "|---" * (len(tasks) + 5) + "|"]
+    lines += [_score_row(rows, m, tasks, common) for m in methods]
+    lines.append(_majority_row(tasks, majority))
+    notes = [f"Wall: minutes per run, the mean over the tasks every method here has run ({over}) of each "
+             "task's mean, so that every method is timed on the same work.",
+             "Majority class: the dev score of always predicting the most frequent train class (for STS-B a "
+             "constant, whose correlation is 0: chance; CoLA's MCC of a constant is 0); — where the GLUE "
+             "files were not found."]
+    if any("†" in labels[t] for t in tasks):
+        notes.append("† No method's mean score beats the majority class: the task is uninformative here.")
+    return lines + [""] + notes
+
+
+def _diff_cell(diffs) -> str:
+    mean, half, n = paired_ci(diffs)
+    if n == 0:
+        return "—"
+    if half is None:
+        return f"{_signed(mean)} (n=1, no interval)"
+    interval = f"{_signed(mean)} [{_signed(mean - half)}, {_signed(mean + half)}]"
+    if mean - half > 0 or mean + half < 0:
+        interval = f"**{interval}**"
+    return f"{interval} (n={n}, df={n - 1})"
+
+
+def paired_table(rows, tasks, methods, labels) -> list:
+    others = [m for m in methods if m != BASELINE]
+    if BASELINE not in methods or not others:
+        return []
+    lines = [f"Paired difference to LoRA, points x 100 of the final model's dev score: the mean over the seeds "
+             f"both ran of (method − LoRA) [95% t interval, df = n − 1]; a run is paired with LoRA's run of the "
+             f"same task and seed (same batch order), an unpaired seed is left out. **Bold**: the interval "
+             f"excludes 0. Last row: the smallest difference the seeds can resolve, t(n − 1)·sd/√n with sd "
+             f"pooled over the paired differences of the dynamic methods ({', '.join(DYNAMIC)}) on the task "
+             f"and n their fewest pairs.\n",
+             "| method − lora | " + " | ".join(labels[t] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for m in others:
+        lines.append(f"| {m} | " + " | ".join(_diff_cell(paired_diffs(rows, t, m)) for t in tasks) + " |")
+    if not set(DYNAMIC) & set(methods):
+        return lines
+    cells = []
+    for t in tasks:
+        half, n = resolvable_difference([paired_diffs(rows, t, m) for m in DYNAMIC])
+        cells.append(f"±{half:.1f} (n={n})" if half is not None else "—")
+    return lines + ["| smallest resolvable difference | " + " | ".join(cells) + " |"]
+
+
+def merged_cost_table(rows, tasks, methods, labels) -> list:
+    gated = [m for m in methods if m in GATED and any(merged_costs(rows, t, m) for t in tasks)]
+    if not gated:
+        return []
+    lines = ["Merged-model cost of the gated methods: the dev score of the merged model (gates frozen to their "
+             "means and folded into the weights) minus that of the best-epoch model it was merged from, "
+             "points x 100; mean over runs (worst run).\n",
+             "| method | " + " | ".join(labels[t] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for m in gated:
+        costs = [merged_costs(rows, t, m) for t in tasks]
+        lines.append(f"| {m} | " + " | ".join(f"{_signed(np.mean(c))} (worst {_signed(min(c))})" if c else "—"
+                                              for c in costs) + " |")
+    return lines
+
+
+def rank_table(rows, tasks, methods, labels) -> list:
+    gated = [m for m in methods if any(r["method"] == m and r.get("mean_effective_rank") is not None for r in rows)]
+    if not gated:
+        return []
+    lines = ["Gated methods: mean effective rank per dev token (components whose gate m_i g_i(x) > 0.5, "
+             "averaged over tokens and adapted layers, of the saved model; mean over seeds).\n",
+             "| method | " + " | ".join(labels[t] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for m in gated:
+        cells = []
+        for t in tasks:
+            ranks = [r["mean_effective_rank"] for r in _runs(rows, t, m) if r.get("mean_effective_rank") is not None]
+            cells.append(f"{np.mean(ranks):.1f}" if ranks else "—")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _allocation_shares(ranks: dict) -> tuple[float, list]:
+    """(share of the components in v_proj layers, shares in the first, middle and last third of the blocks)
+    of one final rank pattern {"gpt.blocks.<i>.attn.<proj>": components}."""
+    total = sum(ranks.values()) or 1
+    blocks = [int(name.split("blocks.")[1].split(".")[0]) for name in ranks]
+    n = max(blocks) + 1
+    thirds = [sum(k for b, k in zip(blocks, ranks.values()) if third * n <= 3 * b < (third + 1) * n) / total
+              for third in range(3)]
+    return sum(k for name, k in ranks.items() if name.endswith("v_proj")) / total, thirds
+
+
+def allocation_table(rows, tasks, methods, labels) -> list:
+    """Where the allocating methods put their final budget: the share in v_proj (the rest is in the other
+    adapted projections) and in each third of the blocks, mean over seeds (runs that recorded final_ranks)."""
+    allocating = [m for m in methods if any(r["method"] == m and r.get("final_ranks") for r in rows)]
+    if not allocating:
+        return []
+    lines = ["Allocating methods: where the final budget went -- share of the active components in v_proj; "
+             "shares in the first / middle / last third of the blocks (mean over seeds; % of the budget).\n",
+             "| method | " + " | ".join(labels[t] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for m in allocating:
+        cells = []
+        for t in tasks:
+            shares = [_allocation_shares(r["final_ranks"]) for r in _runs(rows, t, m) if r.get("final_ranks")]
+            if not shares:
+                cells.append("—")
+                continue
+            v = 100 * np.mean([s[0] for s in shares])
+            thirds = 100 * np.mean([s[1] for s in shares], axis=0)
+            cells.append(f"v {v:.0f}%; {thirds[0]:.0f} / {thirds[1]:.0f} / {thirds[2]:.0f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_suite(suite: str, rows: list, data_dir) -> str:
+    tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in rows)]
+    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
+    majority = majority_scores(tasks, data_dir)
+    weak = uninformative(rows, tasks, methods, majority)
+    labels = {t: t + ("†" if t in weak else "") for t in tasks}
+    lines = [f"**Suite `{suite or 'default'}`** — GLUE dev score x 100 of the model at the end of training "
+             f"(mean ± std over seeds, n = seeds), trainable parameters, wall time per run.\n"]
+    for table in (score_table(rows, tasks, methods, majority, labels), paired_table(rows, tasks, methods, labels),
+                  merged_cost_table(rows, tasks, methods, labels), rank_table(rows, tasks, methods, labels),
+                  allocation_table(rows, tasks, methods, labels)):
+        if table:
+            lines += table + [""]
+    machines, commits = sorted({r["machine"] for r in rows}), sorted({r["commit"] for r in rows})
+    lines.append(f"Machine: {'; '.join(machines)}. Commits: {', '.join(commits)}.\n")
+    return "\n".join(lines)
+
+
+def render_report(results: list, bench: dict | None = None, data_dir=None) -> str:
+    """Markdown tables of the results, one group per suite (see render_suite); data_dir is the GLUE folder for
+    the majority-class row (default: default_data_dir()).
+
+    A score is the dev score of the model at the end of training (`last_score`), not of the best epoch: GLUE's
     test labels are hidden, so the dev set is our test set, and picking the best of several epochs on it
     would flatter every method by its own noise; and an allocating method's best epoch can come before its
     budget has shrunk to the target, which would compare it to LoRA at a larger budget.
     """
-    lines = []
-    suites = sorted({r.get("suite", "") for r in results})
-    for suite in suites:
-        rows = [r for r in results if r.get("suite", "") == suite]
-        tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in rows)]
-        methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
-        lines.append(f"**Suite `{suite or 'default'}`** — GLUE dev score x 100 of the model at the end of training "
-                     f"(mean ± std over seeds, n = seeds), trainable parameters, wall time per run.\n")
-        lines.append("| method | " + " | ".join(tasks) + " | avg | trainable params | active adapter params (final model) "
-                     "| wall (min, mean) |")
-        lines.append("|---" * (len(tasks) + 5) + "|")
-        for m in methods:
-            cells, means, params, active, walls = [], [], set(), set(), []
-            for t in tasks:
-                scores = [100 * r["last_score"] for r in rows if r["task"] == t and r["method"] == m]
-                params |= {r["trainable_params"] for r in rows if r["task"] == t and r["method"] == m}
-                active |= {r.get("final_active_adapter_params") for r in rows if r["task"] == t and r["method"] == m}
-                walls += [r["wall_s"] for r in rows if r["task"] == t and r["method"] == m]
-                if not scores:
-                    cells.append("—")
-                    continue
-                means.append(np.mean(scores))
-                sd = f" ± {np.std(scores, ddof=1):.1f}" if len(scores) > 1 else ""
-                cells.append(f"{np.mean(scores):.1f}{sd} (n={len(scores)})")
-            avg = f"{np.mean(means):.1f}" if len(means) == len(tasks) else "—"
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} | {_count_range(params)} "
-                         f"| {_count_range(active)} | {np.mean(walls) / 60:.1f} |")
-        gated = [m for m in methods
-                 if any(r["method"] == m and r.get("mean_effective_rank") is not None for r in rows)]
-        if gated:
-            lines.append("\nGated methods: mean effective rank per dev token (components whose gate m_i g_i(x) > 0.5, "
-                         "averaged over tokens and adapted layers, of the saved model; mean over seeds).\n")
-            lines.append("| method | " + " | ".join(tasks) + " |")
-            lines.append("|---" * (len(tasks) + 1) + "|")
-            for m in gated:
-                cells = []
-                for t in tasks:
-                    ranks = [r["mean_effective_rank"] for r in rows if r["task"] == t and r["method"] == m
-                             and r.get("mean_effective_rank") is not None]
-                    cells.append(f"{np.mean(ranks):.1f}" if ranks else "—")
-                lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        machines = sorted({r["machine"] for r in rows})
-        commits = sorted({r["commit"] for r in rows})
-        lines.append(f"\nMachine: {'; '.join(machines)}. Commits: {', '.join(commits)}.\n")
+    data_dir = default_data_dir() if data_dir is None else Path(data_dir)
+    # Runs of the first grids carry suite "" for the default suite; later runs name it "default".
+    # The pretrained backbone's suite first: it is the one whose tasks can tell methods apart.
+    suites = sorted({r.get("suite") or "default" for r in results}, key=lambda name: (name != "smollm2", name))
+    parts = [render_suite(s, [r for r in results if (r.get("suite") or "default") == s], data_dir) for s in suites]
     if bench:
-        lines.append(render_bench(bench))
-    return "\n".join(lines)
+        parts.append(render_bench(bench))
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. The benchmark table
+
+_NUMBER = r"[-+]?\d+(?:\.\d+)?"
+
+
+def target_met(value: str, target: str, low: float | None = None, high: float | None = None) -> bool | None:
+    """Whether a figure meets its target ("<= 1.02", ">= 70%"), from the value's leading number, or for a
+    percentage target the percentage in the value's parentheses ("76.1 (83%)"); None when either won't parse.
+
+    A ratio measured over several rounds carries its range [low, high]: the target is met only when the
+    whole range meets it (the highest round for an upper bound, the lowest for a lower bound).
+    """
+    goal = re.fullmatch(rf"\s*(<=|>=|<|>)\s*({_NUMBER})\s*(%?)\s*", target or "")
+    if not goal:
+        return None
+    op, bound, percent = goal.groups()
+    found = re.search(rf"\(\s*({_NUMBER})\s*%\s*\)", value) if percent else None
+    found = found or re.match(rf"\s*({_NUMBER})", value)
+    if not found:
+        return None
+    x, bound = float(found.group(1)), float(bound)
+    if op in ("<=", "<") and high is not None:
+        x = high
+    if op in (">=", ">") and low is not None:
+        x = low
+    return {"<=": x <= bound, ">=": x >= bound, "<": x < bound, ">": x > bound}[op]
+
+
+def _target_cell(row: dict) -> str:
+    target = row.get("target", "")
+    met = target_met(row["value"], target, row.get("low"), row.get("high"))
+    return target if met is None else f"{target} {'✓' if met else '✗ missed'}"
 
 
 def render_bench(bench: dict) -> str:
     lines = [f"**Benchmark** (`python train.py bench`, {bench['machine']}, commit {bench['commit']}, "
              f"{bench['date']}):\n", "| figure | value | target |", "|---|---|---|"]
     for row in bench["rows"]:
-        lines.append(f"| {row['name']} | {row['value']} | {row.get('target', '')} |")
+        lines.append(f"| {row['name']} | {row['value']} | {_target_cell(row)} |")
     if bench.get("note"):
         lines.append(f"\nNote: {bench['note']}")
     return "\n".join(lines) + "\n"
 
 
-def write_report(readme: Path = README, results_dir: Path = runs.RESULTS_DIR) -> str:
+# ---------------------------------------------------------------------------------------------------------
+# 5. The import check
+
+def render_import(record: dict) -> str:
+    """The check of an imported backbone (results/import.json, written by `train.py import --check`)."""
+    return "\n".join([
+        f"**Import check** (`python train.py import --check`, {record['machine']}, commit {record['commit']}, "
+        f"{record['date']}): `{record['source']}` -> `{record['out_dir']}` (backbone sha256 "
+        f"{record['backbone_sha256'][:12]}...)\n",
+        "| figure | value |", "|---|---|",
+        f"| import time, wall (s) | {record['import_wall_s']} |",
+        f"| peak resident memory of import and check (MiB) | {record['import_peak_rss_mib']:,} |",
+        f"| next-token perplexity, first {record['sentences']} RTE dev premises (48 tokens each) | "
+        f"{record['perplexity_rte_dev']} |",
+        f"| the same with the q/k rows left in the GGUF's order (no un-permutation) | "
+        f"{record['perplexity_without_unpermutation']} |",
+        f"| greedy continuation | `{record['greedy']!r}` |"]) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Writing the README
+
+def write_report(readme: Path = README, results_dir: Path = runs.RESULTS_DIR, data_dir=None) -> str:
     """Replace the text between the README's result markers with freshly rendered tables."""
     bench_path = Path(results_dir) / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
-    report = render_report(runs.load_results(results_dir), bench)
+    report = render_report(runs.load_results(results_dir), bench, data_dir)
+    planted_rows = runs.load_jsonl(Path(results_dir) / "planted.jsonl")
+    if planted_rows:
+        import planted                      # its table; planted imports neither report nor train
+        report += "\n" + planted.summary_table(planted_rows)
+    import_path = Path(results_dir) / "import.json"
+    if import_path.is_file():
+        report += "\n" + render_import(json.loads(import_path.read_text()))
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise ValueError(f"{readme} has no {README_START} ... {README_END} markers; add them where the tables go")

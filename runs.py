@@ -6,9 +6,11 @@ line in a results file. Everything that writes or reads those files lives here, 
 project is atomic in the same way and every model file is read with the same checks.
 
 What this file holds, in order:
-  1. File names and atomic writes -- atomic_write (the one helper: a temporary file in the same folder, then
-                                     a rename), atomic_write_text, atomic_torch_save, SaveError.
-  2. Describing a run             -- file_sha256, machine_description, git_commit.
+  1. File names, atomic writes    -- atomic_write (the one helper: a temporary file in the same folder, then
+     and careful reads               a rename), atomic_write_text, atomic_torch_save, SaveError;
+                                     read_torch_file (the one reader of every model file and checkpoint);
+                                     check_output_folder (can a run write where it is told to?).
+  2. Describing a run             -- file_sha256, machine_description, memory_bytes, git_commit.
   3. Checkpoints                  -- the RNG state of a process, save_checkpoint / read_checkpoint,
                                      check_resume (does this invocation repeat the checkpoint's run?),
                                      restore_training (optimizer, scaler, random streams, the run's state).
@@ -16,14 +18,16 @@ What this file holds, in order:
                                      pretraining and fine-tuning.
   5. Backbones and models         -- save_backbone / load_backbone (what pretrain and the importers write),
                                      build_classifier, save_finetuned / load_finetuned / restore_best.
-  6. Results files                -- append_jsonl / load_jsonl (one JSON line per record, appended in one
-                                     write), append_result / load_results (finetune.jsonl).
+  6. Results files                -- check_results_folder; append_jsonl / load_jsonl (one JSON line per record,
+                                     appended in one write); append_result (never a non-finite number) and
+                                     load_results (finetune.jsonl).
 
 Nothing here trains or evaluates: train.py decides what to write and when; this file decides how.
 """
 
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -53,6 +57,7 @@ METRICS_FILE = "metrics.jsonl"       # one JSON record per logged step / evaluat
 FINAL_FILE = "final.json"            # a finished fine-tuning run's result record; marks the run finished
 RESULTS_FILE = "finetune.jsonl"      # in a results folder: one line per finished fine-tuning run
 RESULTS_DIR = REPO / "results"       # the results of record, rendered into the README
+SCRATCH_RESULTS_DIR = REPO / "runs" / "results"   # where ad-hoc runs (no --suite) put their result lines
 
 
 class SaveError(OSError):
@@ -90,6 +95,38 @@ def atomic_torch_save(obj, path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def read_torch_file(path, fix: str, keys: tuple = ()) -> dict:
+    """The dict saved in a model file or checkpoint, read safely (weights_only=True: tensors and plain values,
+    never code), with keys checked to be there. A file that cannot be read raises ValueError naming it, with
+    `fix` (what to do about it); a missing one, FileNotFoundError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; {fix}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:                # torch.load raises RuntimeError, EOFError, UnpicklingError, OSError...
+        detail = (str(getattr(err, "strerror", None) or err).strip().splitlines() or [type(err).__name__])[0]
+        detail = detail.split(". ")[0]      # torch's miniz message goes on for four sentences
+        raise ValueError(f"{path} is damaged and cannot be read ({detail}); files are only ever replaced whole, "
+                         f"so it was cut or changed afterwards (a copy?): {fix}") from None
+    missing = [key for key in keys if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise ValueError(f"{path} is not the file expected here (no {missing[0]!r} in it); {fix}")
+    return payload
+
+
+def check_output_folder(folder, flag: str):
+    """Before any work: raise ValueError, naming the flag, if a run could not write into folder (created
+    later, when needed): it, or the nearest of its parents that exists, is a file or is not writable."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        where = f"{flag} {folder}" if existing == folder else f"{flag} {folder}: {existing}"
+        raise ValueError(f"{where} is a file, not a folder; give a folder (it is created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: {existing} is not writable; give a folder you may write to")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 2. Describing a run
 # ---------------------------------------------------------------------------------------------------------
@@ -112,6 +149,16 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def memory_bytes(key: str = "VmHWM") -> int:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes: VmHWM the peak resident
+    memory so far, VmRSS the resident memory now."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key}; the memory figure needs Linux")
 
 
 def git_commit() -> str:
@@ -178,13 +225,7 @@ def read_checkpoint(out: Path, kind: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no {CHECKPOINT_FILE} in {out}, so there is nothing to resume; start "
                                 f"the run without --resume, or give the run's --out-dir")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:                # torch.load raises RuntimeError, EOFError, UnpicklingError, ...
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{path} is damaged and cannot be read ({detail}); checkpoints are only ever replaced "
-                         f"whole, so the file was cut or changed afterwards (a copy?): restore it, or start the "
-                         f"run again without --resume") from None
+    ckpt = read_torch_file(path, "restore it, or start the run again without --resume")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a dynlora training checkpoint of this version (format "
                          f"{CHECKPOINT_FORMAT!r}); start the run again without --resume")
@@ -293,7 +334,8 @@ def load_backbone(folder) -> tuple[GPTConfig, dict, "data.Tokenizer", Path]:
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"--backbone {folder}: no {BACKBONE_FILE} there; run `python train.py pretrain "
                                 f"--out-dir {folder}` first, or pass --backbone '' for a random init")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = read_torch_file(ckpt_path, f"restore it, or pretrain it again (`python train.py pretrain --out-dir "
+                                      f"{folder}`)", keys=("config", "model", "tokenizer_sha256"))
     config = GPTConfig.from_dict(ckpt["config"])
     tok = data.load_tokenizer(tok_path)
     if file_sha256(tok_path) != ckpt["tokenizer_sha256"]:
@@ -344,32 +386,58 @@ def save_finetuned(out: Path, model: GPTClassifier, method: str, adapter_cfg, me
         dynlora.save_adapter(out / "adapter.pt", model, adapter_cfg, extra=extra)
 
 
+FINETUNED_FIX = "restore it, or fine-tune the run again"
+
+
 def restore_best(model: GPTClassifier, out: Path, method: str):
     """Load the best epoch's weights back from the file save_finetuned wrote (model.pt or adapter.pt)."""
-    if method == "full":
-        weights = torch.load(Path(out) / "model.pt", map_location="cpu", weights_only=True)["model"]
-    else:
-        weights = torch.load(Path(out) / "adapter.pt", map_location="cpu", weights_only=True)["state"]
+    name, key = ("model.pt", "model") if method == "full" else ("adapter.pt", "state")
+    weights = read_torch_file(Path(out) / name, FINETUNED_FIX, keys=(key,))[key]
     load_training_weights(model, weights, method, out)
 
 
+def read_run_config(run) -> dict:
+    """A fine-tuning run folder's config.json (what the run is: its task, settings, model)."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--run {run}: no config.json there; is it a folder written by finetune?")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore the file finetune wrote") from None
+    if not isinstance(config, dict) or "task" not in config or "finetune" not in config:
+        raise ValueError(f"{path} is not a fine-tuning run's config.json (no 'task' or 'finetune'); restore "
+                         f"the file finetune wrote")
+    return config
+
+
 def load_finetuned(run_dir, backbone: str | None = None) -> tuple[GPTClassifier, "data.Tokenizer", dict]:
-    """(model, tokenizer, meta) of a run folder written by finetune; the model in eval mode."""
+    """(model, tokenizer, meta) of a run folder written by finetune; the model in eval mode.
+
+    Every file is read once, safely (read_torch_file). The run is what its config.json says: meta["task"] is
+    config.json's task, and a model file that names another task (files of two runs mixed) is an error.
+    """
     run = Path(run_dir)
     tok_path = run / TOKENIZER_FILE
+    task = read_run_config(run)["task"]
+    meta_keys = ("task", "num_outputs", "tokenizer_sha256")
     if (run / "model.pt").is_file():
-        ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
-        config = GPTConfig.from_dict(ckpt["config"])
-        model = GPTClassifier(config, ckpt["num_outputs"])
-        model.load_state_dict(ckpt["model"])
-        meta = ckpt
+        path = run / "model.pt"
+        meta = read_torch_file(path, FINETUNED_FIX, keys=("config", "model", *meta_keys))
+        model = GPTClassifier(GPTConfig.from_dict(meta["config"]), meta["num_outputs"])
+        model.load_state_dict(meta["model"])
     elif (run / "adapter.pt").is_file():
-        meta = torch.load(run / "adapter.pt", map_location="cpu", weights_only=True)["extra"]
+        path = run / "adapter.pt"
+        payload = read_torch_file(path, FINETUNED_FIX, keys=("extra",))
+        meta = payload["extra"]
         config, backbone_state, _, _ = load_backbone(backbone or meta["backbone"])
         model = build_classifier(config, backbone_state, meta["num_outputs"])
-        dynlora.load_adapter(run / "adapter.pt", model)
+        dynlora.load_adapter(path, model, payload=payload)
     else:
         raise FileNotFoundError(f"--run {run}: neither model.pt nor adapter.pt there; is it a finetune run folder?")
+    if meta["task"] != task:
+        raise ValueError(f"{path} is a model for {meta['task']}, but {run / 'config.json'} says the run is "
+                         f"{task}: the files of two runs were mixed; put the run's own model file back")
     tok = data.load_tokenizer(tok_path)
     if file_sha256(tok_path) != meta["tokenizer_sha256"]:
         raise ValueError(f"{tok_path} is not the tokenizer this model was trained with; restore the run's "
@@ -382,10 +450,41 @@ def load_finetuned(run_dir, backbone: str | None = None) -> tuple[GPTClassifier,
 # 6. Results files
 # ---------------------------------------------------------------------------------------------------------
 
+def results_folder(results_dir: str, suite: str) -> Path:
+    """The folder a fine-tuning run appends its result to: --results-dir if given; else results/ (the tables
+    of record) for a run of a named --suite, and runs/results/ for an ad-hoc run, so that trying things out
+    (the main job, a quick run) never adds rows to the committed tables."""
+    if results_dir:
+        return Path(results_dir)
+    return RESULTS_DIR if suite else SCRATCH_RESULTS_DIR
+
+
 def results_path(results_dir) -> Path:
     """<results_dir>/finetune.jsonl; a relative results_dir is taken from the repository root."""
     results_dir = Path(results_dir)
     return (results_dir if results_dir.is_absolute() else REPO / results_dir) / RESULTS_FILE
+
+
+def check_results_folder(results_dir):
+    """Before any work: can a run append its result line to results_dir's finetune.jsonl?"""
+    path = results_path(results_dir)
+    check_output_folder(path.parent, "--results-dir")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"--results-dir {results_dir}: {path} is a folder, not a file; remove it or give "
+                         f"another --results-dir")
+
+
+def nonfinite_entry(record, prefix: str = "") -> tuple[str, float] | None:
+    """(dotted key, value) of the first number in a nested record that is nan or inf; None if there is none."""
+    items = record.items() if isinstance(record, dict) else enumerate(record) if isinstance(record, list) else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return name, value
+        found = nonfinite_entry(value, name + ".")
+        if found:
+            return found
+    return None
 
 
 def append_jsonl(path, record: dict, key: str = "run_id") -> bool:
@@ -401,7 +500,7 @@ def append_jsonl(path, record: dict, key: str = "run_id") -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     if key in record and any(r.get(key) == record[key] for r in load_jsonl(path)):
         return False
-    line = (json.dumps(record) + "\n").encode("utf-8")
+    line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         if os.write(fd, line) != len(line):
@@ -428,8 +527,20 @@ def load_jsonl(path) -> list:
 
 
 def append_result(result: dict, results_dir):
-    """Append one run's result line to <results_dir>/finetune.jsonl, once per run_id (see append_jsonl)."""
-    append_jsonl(results_path(results_dir), result)
+    """Append one run's result line to <results_dir>/finetune.jsonl, once per run_id (see append_jsonl). A
+    record holding a number that is not finite is refused (ValueError naming the key): a results file holds
+    real scores only."""
+    bad = nonfinite_entry(result)
+    if bad is not None:
+        raise ValueError(f"refusing to record a result whose {bad[0]} is {bad[1]}, not a finite number: the run "
+                         f"diverged or its evaluation is broken; no result line was written")
+    path = results_path(results_dir)
+    try:
+        append_jsonl(path, result)
+    except OSError as err:
+        raise SaveError(f"could not append the result to {path} ({err.strerror or err}); the finished training "
+                        f"is kept in the run's {CHECKPOINT_FILE}: make --results-dir a writable folder and run "
+                        f"the same command with --resume to record it") from None
 
 
 def load_results(results_dir=RESULTS_DIR) -> list:

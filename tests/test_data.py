@@ -7,6 +7,7 @@ The real data is only read by test_real_glue_row_counts, which is skipped when i
 import functools
 import io
 import math
+import shutil
 import socket
 import threading
 import zipfile
@@ -236,6 +237,63 @@ def test_not_utf8_names_the_line(tmp_path):
     (folder / "dev.tsv").write_bytes(b"sentence\tlabel\nfine \t1\ncaf\xe9 \t1\n")
     with pytest.raises(DataError, match=r"SST-2/dev.tsv:3: not valid UTF-8"):
         data.read_split(tmp_path, "sst2", "dev")
+
+
+STSB_HEADER = "\t".join(["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
+                         "sentence2", "score"])
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-inf", "NaN", "5.5", "-0.5"])
+def test_stsb_score_not_finite_or_outside_0_to_5_names_file_and_line(tmp_path, score):
+    rows = [["0", "g", "f", "2012", "0000", "none", "none", "A.", "B.", "3.0"],
+            ["1", "g", "f", "2012", "0001", "none", "none", "C.", "D.", score]]
+    write_tsv(tmp_path / "STS-B", "dev.tsv", STSB_HEADER + "\n" + "".join("\t".join(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"STS-B/dev.tsv:3: score {score!r} is not a number from 0 to 5"):
+        data.read_split(tmp_path, "stsb", "dev")
+
+
+@pytest.mark.parametrize("task, split", [("SST-2", "train"), ("STS-B", "dev"), ("RTE", "dev"), ("MRPC", "train"),
+                                         ("MNLI", "dev_matched"), ("QQP", "train")])
+def test_a_file_without_its_header_row_is_an_error_not_a_lost_example(tmp_path, task, split):
+    spec = data.get_task(task)
+    name = spec.split_files[split]
+    text = (FIXTURES / task / name).read_text(encoding="utf-8-sig")
+    write_tsv(tmp_path / task, name, text.split("\n", 1)[1])            # the header row removed
+    with pytest.raises(DataError, match=rf"{task}/{name}:1: the first line is a data row, not the header row"):
+        data.read_split(tmp_path, task, split)
+
+
+def test_cr_only_line_endings_are_named(tmp_path):
+    text = (FIXTURES / "SST-2" / "dev.tsv").read_text(encoding="utf-8").replace("\n", "\r")
+    write_tsv(tmp_path / "SST-2", "dev.tsv", text)
+    with pytest.raises(DataError, match=r"SST-2/dev.tsv: the line endings are CR only .*convert"):
+        data.read_split(tmp_path, "sst2", "dev")
+    write_tsv(tmp_path / "CoLA", "dev.tsv", (FIXTURES / "CoLA" / "dev.tsv").read_text().replace("\n", "\r"))
+    with pytest.raises(DataError, match=r"CoLA/dev.tsv: the line endings are CR only"):
+        data.read_split(tmp_path, "cola", "dev")
+
+
+def test_a_folder_where_a_file_should_be_is_named_and_not_downloaded(tmp_path):
+    (tmp_path / "SST-2" / "train.tsv").mkdir(parents=True)
+    shutil.copy(FIXTURES / "SST-2" / "dev.tsv", tmp_path / "SST-2" / "dev.tsv")
+    with pytest.raises(DataError, match=r"SST-2/train.tsv is a folder, not a file") as err:
+        data.read_split(tmp_path, "sst2", "train")
+    with pytest.raises(DataError, match=r"SST-2/train.tsv is a folder, not a file") as err:
+        data.ensure_task(tmp_path, "sst2")                          # no download is tried
+    assert "download" not in str(err.value)
+
+
+def test_a_data_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "glue").write_text("not a folder")
+    for call in (lambda: data.read_split(tmp_path / "glue", "sst2", "train"),
+                 lambda: data.ensure_task(tmp_path / "glue", "sst2")):
+        with pytest.raises(DataError, match=r"glue is a file, not a folder; .*--data-dir") as err:
+            call()
+        assert "File exists" not in str(err.value)
+    (tmp_path / "glue2").mkdir()
+    (tmp_path / "glue2" / "SST-2").write_text("not a folder")       # the task folder is a file
+    with pytest.raises(DataError, match=r"glue2/SST-2 is a file, not a folder"):
+        data.ensure_task(tmp_path / "glue2", "sst2")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -651,6 +709,23 @@ def test_spearman_with_ties():
     # centered: (-1.5, 0, 0, 1.5) and (-1.5, 0, 1.5, 0) -> 2.25 / sqrt(4.5 * 4.5) = 0.5
     assert data.spearman([1, 2, 2, 3], [10, 20, 30, 20]) == pytest.approx(0.5)
     assert data._average_ranks(np.array([3.0, 1.0, 3.0, 2.0, 3.0])).tolist() == [4.0, 1.0, 4.0, 2.0, 4.0]
+
+
+def test_predictions_that_are_not_finite_are_an_error():
+    with pytest.raises(data.DataError, match=r"2 of 3 predictions are not finite"):
+        data.compute_metrics("stsb", np.array([np.nan, 1.0, np.inf]), np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(data.DataError, match=r"1 of 2 predictions are not finite"):
+        data.spearman([np.nan, 1.0], [1.0, 2.0])
+    with pytest.raises(data.DataError, match=r"1 of 2 labels are not finite"):
+        data.pearson([0.0, 1.0], [np.inf, 2.0])
+
+
+def test_pearson_of_huge_values_does_not_overflow():
+    x = np.array([1e200, 2e200, 4e200])
+    assert data.pearson(x, [1.0, 2.0, 4.0]) == pytest.approx(1.0)
+    big = np.array([3e38, -3e38, 1e38], dtype=np.float32)
+    assert data.pearson(big, big.astype(np.float64) * -1) == pytest.approx(-1.0)
+    assert data.spearman(x, [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
 
 
 def test_metric_length_mismatch():

@@ -1,10 +1,10 @@
-"""Tests of scaling up and surviving: resumable runs (a real SIGKILL), devices and precision, DDP with
-2 gloo processes on the CPU, and GPT-2 weights. Everything runs on the tiny fixtures with the nano model."""
+"""Tests of scaling up and surviving: resumable runs (a real SIGKILL), devices and precision, and DDP with
+2 gloo processes on the CPU. Everything runs on the tiny fixtures with the nano model. (Imported
+checkpoints, GPT-2's among them, are tests/test_import.py's.)"""
 
 import errno
 import functools
 import json
-import math
 import os
 import signal
 import socket
@@ -15,14 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-import gpt2
 import runs
 import runtime
 import train
-from model import GPT, GPTClassifier, preset
+from model import GPTClassifier, preset
 from conftest import FIXTURES, NANO, cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -412,168 +409,3 @@ def test_a_process_without_its_peers_times_out_with_a_message(backbone, tmp_path
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: rank {rank} of 2 could not reach the other processes at 127.0.0.1:")
     assert "--dist-timeout 2 s" in last and "torchrun --nproc_per_node=2" in last
-
-
-# ---------------------------------------------------------------------------------------------------------
-# 4. GPT-2 weights, on a synthetic checkpoint with GPT-2's names, layouts and tokenizer format
-
-TINY_GPT2 = dict(n_embd=32, n_head=2, n_layer=2, n_positions=64)
-
-
-def gpt2_state_dict(V: int, n_embd: int, n_layer: int, n_positions: int, **_) -> dict:
-    """Random weights in GPT-2's Hugging Face layout (Conv1D weights stored in x out), plus its mask buffers."""
-    g = torch.Generator().manual_seed(0)
-    d, P = n_embd, n_positions
-    shapes = {"ln_1.weight": (d,), "ln_1.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
-              "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,), "attn.c_proj.weight": (d, d),
-              "attn.c_proj.bias": (d,), "mlp.c_fc.weight": (d, 4 * d), "mlp.c_fc.bias": (4 * d,),
-              "mlp.c_proj.weight": (4 * d, d), "mlp.c_proj.bias": (d,)}
-    sd = {"wte.weight": (V, d), "wpe.weight": (P, d), "ln_f.weight": (d,), "ln_f.bias": (d,),
-          **{f"h.{i}.{name}": shape for i in range(n_layer) for name, shape in shapes.items()}}
-    gain = lambda name: name.endswith("weight") and name.split(".")[-2].startswith("ln")   # LayerNorm gains ~ 1
-    sd = {name: torch.randn(*shape, generator=g) * 0.1 + float(gain(name)) for name, shape in sd.items()}
-    for i in range(n_layer):
-        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(P, P)).view(1, 1, P, P)   # the causal mask, a buffer
-    return sd
-
-
-def gpt2_reference_logits(sd: dict, n_head: int, ids: torch.Tensor) -> torch.Tensor:
-    """GPT-2's forward pass written directly on its own tensors: (B, T) ids -> (B, T, V) logits."""
-    B, T = ids.shape
-    d = sd["wte.weight"].shape[1]
-    hd = d // n_head
-    ln = lambda x, p: F.layer_norm(x, (d,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-5)
-    x = sd["wte.weight"][ids] + sd["wpe.weight"][:T]                              # (B, T, d)
-    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
-    for i in range(len({k.split(".")[1] for k in sd if k.startswith("h.")})):
-        h = f"h.{i}."
-        qkv = ln(x, h + "ln_1") @ sd[h + "attn.c_attn.weight"] + sd[h + "attn.c_attn.bias"]   # (B, T, d) @ (d, 3d)
-        q, k, v = (t.view(B, T, n_head, hd).transpose(1, 2) for t in qkv.split(d, dim=-1))  # 3 x (B, H, T, hd)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(hd)                                   # (B, H, T, T)
-        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
-        y = (att @ v).transpose(1, 2).reshape(B, T, d)                                    # (B, H, T, hd) -> (B, T, d)
-        x = x + y @ sd[h + "attn.c_proj.weight"] + sd[h + "attn.c_proj.bias"]
-        m = F.gelu(ln(x, h + "ln_2") @ sd[h + "mlp.c_fc.weight"] + sd[h + "mlp.c_fc.bias"], approximate="tanh")
-        x = x + m @ sd[h + "mlp.c_proj.weight"] + sd[h + "mlp.c_proj.bias"]               # (B, T, 4d) @ (4d, d)
-    return ln(x, "ln_f") @ sd["wte.weight"].t()                                           # (B, T, d) @ (d, V)
-
-
-def write_safetensors(path: Path, tensors: dict):
-    """The .safetensors layout: u64 header length, JSON header with byte offsets, raw little-endian data."""
-    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, t in tensors.items():
-        raw = t.contiguous().numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    blob = json.dumps(header).encode()
-    path.write_bytes(len(blob).to_bytes(8, "little") + blob + b"".join(chunks))
-
-
-def gpt2_tokenizer() -> Tokenizer:
-    """A byte-level BPE shaped like GPT-2's: ordinary tokens first, <|endoftext|> last and in the vocab."""
-    texts = [line.split("\t")[0] for line in (FIXTURES / "SST-2" / "train.tsv").read_text().splitlines()[1:]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.add_special_tokens([gpt2.EOT])
-    spec = json.loads(tok.to_str())
-    spec["model"]["vocab"][gpt2.EOT] = tok.token_to_id(gpt2.EOT)             # as in GPT-2's own file
-    return Tokenizer.from_str(json.dumps(spec))
-
-
-def gpt2_folder(path: Path, weights: str = "model.safetensors", edit=None, config: dict | None = None) -> tuple:
-    """A Hugging Face GPT-2 folder with tiny sizes; returns (folder, state dict, tokenizer)."""
-    path.mkdir(parents=True)
-    tok = gpt2_tokenizer()
-    tok.save(str(path / "tokenizer.json"))
-    sd = gpt2_state_dict(tok.get_vocab_size(), **TINY_GPT2)
-    if edit:
-        edit(sd)
-    if weights == "model.safetensors":
-        write_safetensors(path / weights, sd)
-    else:                                            # GPT2LMHeadModel's names: a prefix and the tied head
-        torch.save({**{"transformer." + k: v for k, v in sd.items()}, "lm_head.weight": sd["wte.weight"]},
-                   path / weights)
-    cfg = {"model_type": "gpt2", "vocab_size": tok.get_vocab_size(), "activation_function": "gelu_new",
-           "layer_norm_epsilon": 1e-5, "n_ctx": TINY_GPT2["n_positions"], **TINY_GPT2, **(config or {})}
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path, sd, tok
-
-
-@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
-def test_imported_gpt2_computes_gpt2s_logits(tmp_path, weights):
-    folder, sd, hf_tok = gpt2_folder(tmp_path / "gpt2", weights)
-    code, message = cli("import-gpt2", "--gpt2-dir", folder, "--out-dir", tmp_path / "backbone")
-    assert code == 0, message
-    config, state, tok, _ = runs.load_backbone(tmp_path / "backbone")
-    V = hf_tok.get_vocab_size()
-    assert config.vocab_size == V + 3 and config.block_size == 64 and config.n_head == 2 and config.pad_id == 0
-    # The same text gives GPT-2's tokens, renumbered: ordinary ids + 4, <|endoftext|> (GPT-2's last id) -> 3.
-    text = "a gripping, funny film with a great cast"
-    hf_ids = hf_tok.encode(text).ids
-    assert tok.encode(text, add_special_tokens=False).ids == [t + 4 for t in hf_ids]
-    hf_ids = torch.tensor([hf_ids + [V - 1] + hf_ids[:3]])                       # (1, T), <|endoftext|> inside
-    ids = torch.where(hf_ids == V - 1, 3, hf_ids + 4)
-    model = GPT(config)
-    model.load_state_dict(state)
-    ours = model(ids)[0]                                                          # (1, T, V + 3)
-    reference = gpt2_reference_logits(sd, 2, hf_ids)                              # (1, T, V)
-    assert torch.allclose(ours[..., 4:], reference[..., :V - 1], atol=1e-5)
-    assert torch.allclose(ours[..., 3], reference[..., V - 1], atol=1e-5)
-
-
-def test_an_imported_gpt2_fine_tunes_and_pretrains(tmp_path):
-    folder, _, _ = gpt2_folder(tmp_path / "gpt2")
-    assert cli("import-gpt2", "--gpt2-dir", folder, "--out-dir", tmp_path / "backbone")[0] == 0
-    code, message = cli(*finetune_args(tmp_path / "backbone", tmp_path, "lora", "RTE", 1))
-    assert code == 0, message
-    code, message = cli("pretrain", "--init", tmp_path / "backbone", "--out-dir", tmp_path / "more",
-                        "--data-dir", FIXTURES, "--tasks", "SST-2", "--batch-size", "2", "--block-size", "16",
-                        "--max-steps", "3", "--warmup-steps", "1", "--threads", "1")
-    assert code == 0, message
-    assert runs.load_backbone(tmp_path / "more")[0] == runs.load_backbone(tmp_path / "backbone")[0]   # same shape
-    code, message = cli("pretrain", "--init", tmp_path / "backbone", "--out-dir", tmp_path / "long",
-                        "--data-dir", FIXTURES, "--block-size", "128")
-    assert code == 1 and "--block-size 128 exceeds the block_size 64" in message
-
-
-def drop(key):
-    return lambda sd: sd.pop(key)
-
-
-def reshape(key):
-    return lambda sd: sd.update({key: sd[key].t().contiguous()})
-
-
-@pytest.mark.parametrize("edit, config, expected", [
-    (drop("h.1.mlp.c_fc.bias"), None, "tensor 'h.1.mlp.c_fc.bias' is missing"),
-    (reshape("h.0.attn.c_attn.weight"), None, "tensor 'h.0.attn.c_attn.weight' has shape (96, 32), expected (32, 96)"),
-    (lambda sd: sd.update({"h.0.crossattention.c_attn.weight": torch.zeros(1)}), None,
-     "unexpected tensor 'h.0.crossattention.c_attn.weight'"),
-    (None, {"activation_function": "relu"}, "activation_function = 'relu'"),
-])
-def test_gpt2_files_that_do_not_fit_are_named(tmp_path, edit, config, expected):
-    folder, _, _ = gpt2_folder(tmp_path / "gpt2", edit=edit, config=config)
-    code, message = cli("import-gpt2", "--gpt2-dir", folder, "--out-dir", tmp_path / "backbone")
-    assert code == 1 and expected in message, message
-    assert not (tmp_path / "backbone" / "backbone.pt").exists()
-
-
-def test_gpt2_folder_with_missing_or_damaged_files(tmp_path):
-    folder, _, _ = gpt2_folder(tmp_path / "gpt2")
-    blob = (folder / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes(blob[: len(blob) // 2])
-    code, message = cli("import-gpt2", "--gpt2-dir", folder, "--out-dir", tmp_path / "bb")
-    assert code == 1 and "model.safetensors: not a readable .safetensors file" in message
-    (folder / "model.safetensors").unlink()
-    code, message = cli("import-gpt2", "--gpt2-dir", folder, "--out-dir", tmp_path / "bb")
-    assert code == 1 and "neither model.safetensors nor pytorch_model.bin" in message
-    (folder / "tokenizer.json").unlink()
-    code, message = cli("import-gpt2", "--gpt2-dir", folder, "--out-dir", tmp_path / "bb")
-    assert code == 1 and "no tokenizer.json" in message
-    code, message = cli("import-gpt2", "--gpt2-dir", tmp_path / "nowhere", "--out-dir", tmp_path / "bb")
-    assert code == 1 and "no such folder" in message

