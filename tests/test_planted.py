@@ -280,3 +280,9 @@ def test_append_jsonl_appends_whole_lines_once_and_names_a_bad_line(tmp_path):
         fh.write('{"cut": \n')
     with pytest.raises(ValueError, match=r"x.jsonl:4: not a JSON line"):
         runs.load_jsonl(path)
+
+
+def test_help_lists_every_flag_with_its_comment(capsys):
+    code, _ = cli("planted", "--help")
+    out = capsys.readouterr().out
+    assert code == 0 and "--heterogeneous-ranks" in out and "cosine decay to a tenth" in out
