@@ -88,7 +88,7 @@ class PlantedConfig:
     effect: float = field(default=0.1, metadata=_bounds(0, low_open=True))  # RMS change of the final hidden state by one planted component, relative to its RMS
     steps: int = field(default=300, metadata=_bounds(1))  # optimizer steps per student
     batch_size: int = field(default=16, metadata=_bounds(1))  # windows per step
-    lr: float = field(default=1e-2, metadata=_bounds(0, low_open=True))  # peak learning rate (AdamW, no weight decay, cosine to 10%)
+    lr: float = field(default=1e-2, metadata=_bounds(0, low_open=True))  # peak learning rate (AdamW, no weight decay, cosine decay to a tenth)
     t_init: int = field(default=50, metadata=_bounds(0))    # allocation: warm-up steps with all components active
     t_final: int = field(default=100, metadata=_bounds(0))  # allocation: last steps at the final budget, masks frozen
     delta_t: int = field(default=10, metadata=_bounds(1))   # allocation: steps between reallocations
@@ -326,11 +326,16 @@ def _cached_tokenizer(texts: list[str], vocab_size: int, out_dir: Path, key: dic
     return data.load_tokenizer(tok_path), tok_path
 
 
+def backbone_folder(cfg: PlantedConfig) -> str:
+    """The pretrained backbone folder --backbone resolves to, or '' for the preset at random init."""
+    if cfg.backbone == "auto":
+        return str(runs.REPO / "runs" / "backbone") if (runs.REPO / "runs" / "backbone" / runs.BACKBONE_FILE).is_file() else ""
+    return cfg.backbone
+
+
 def load_backbone(cfg: PlantedConfig, train_texts: list[str]) -> tuple[GPT, object, str]:
     """(frozen GPT in eval mode, tokenizer, description) for --backbone."""
-    folder = cfg.backbone
-    if folder == "auto":
-        folder = str(runs.REPO / "runs" / "backbone") if (runs.REPO / "runs" / "backbone" / runs.BACKBONE_FILE).is_file() else ""
+    folder = backbone_folder(cfg)
     if folder:
         config, state, tok, tok_path = runs.load_backbone(folder)
         if config.block_size < cfg.max_len:
@@ -655,10 +660,13 @@ def run_one(base: GPT, setting: Setting, cfg: PlantedConfig, scenario: str, meth
     return out
 
 
-def run_id(cfg: PlantedConfig, scenario: str, method: str, seed: int) -> str:
+def run_id(cfg: PlantedConfig, scenario: str, method: str, seed: int, backbone_sha: str = "") -> str:
     """A name for one result: the scenario, method and seed, and a hash of every setting it depends on --
-    the benchmark's and the student's whole AdapterConfig (so a new default in dynlora.py is a new result)."""
+    the benchmark's, the student's whole AdapterConfig (so a new default in dynlora.py is a new result) and,
+    for a pretrained backbone, the hash of its file (backbone_sha; '' for a random backbone)."""
     settings = {"planted": cfg.result_settings(), "adapter": asdict(student_config(cfg, method))}
+    if backbone_sha:
+        settings["backbone_sha256"] = backbone_sha
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:10]
     return f"planted-{scenario}-{method}-s{seed}-{digest}"
 
@@ -671,6 +679,10 @@ def run_benchmark(cfg: PlantedConfig) -> list[dict]:
         torch.set_num_threads(cfg.threads)
     path = results_file(cfg)
     done = {r.get("run_id") for r in runs.load_jsonl(path)}
+    folder = backbone_folder(cfg)
+    sha = runs.file_sha256(Path(folder) / runs.BACKBONE_FILE) if folder else ""
+    ids = {(s, m, seed): run_id(cfg, s, m, seed, sha)
+           for s in cfg.scenario_list for m in cfg.method_list for seed in range(cfg.seeds)}
     texts = read_texts(cfg)
     base, tok, backbone_desc = load_backbone(cfg, texts[0])
     streams = (data.lm_stream(tok, texts[0]), data.lm_stream(tok, texts[1]))
@@ -678,7 +690,7 @@ def run_benchmark(cfg: PlantedConfig) -> list[dict]:
     t_all = time.time()
     for scenario in cfg.scenario_list:
         for seed in range(cfg.seeds):
-            todo = [m for m in cfg.method_list if run_id(cfg, scenario, m, seed) not in done]
+            todo = [m for m in cfg.method_list if ids[scenario, m, seed] not in done]
             if not todo:
                 continue
             t0 = time.time()
@@ -687,7 +699,7 @@ def run_benchmark(cfg: PlantedConfig) -> list[dict]:
             for method in todo:
                 t1 = time.time()
                 result = run_one(base, setting, cfg, scenario, method, seed)
-                record = {"run_id": run_id(cfg, scenario, method, seed), **result,
+                record = {"run_id": ids[scenario, method, seed], **result,
                           "layers": setting.info["layers"], "sigmas": [round(s, 5) for s in setting.info["sigmas"]],
                           "teacher_change": setting.info["teacher_change"], "setup_s": round(setup_s, 2),
                           "wall_s": round(time.time() - t1, 2), "backbone": backbone_desc, "machine": machine,
@@ -698,7 +710,7 @@ def run_benchmark(cfg: PlantedConfig) -> list[dict]:
                       + (f", MI {result['gate_mi_bits']:.3f} bit" if "gate_mi_bits" in result else "")
                       + (f", share {result['budget_share']:.2f}" if result["budget_share"] is not None else "")
                       + f"  ({record['wall_s']:.0f} s)", flush=True)
-    wanted = {run_id(cfg, s, m, seed) for s in cfg.scenario_list for m in cfg.method_list for seed in range(cfg.seeds)}
+    wanted = set(ids.values())
     rows = [r for r in runs.load_jsonl(path) if r.get("run_id") in wanted]
     out, copies = Path(cfg.out_dir), path.parent / "planted"
     out.mkdir(parents=True, exist_ok=True)
@@ -782,7 +794,9 @@ def variant_table(rows: list[dict]) -> str:
     lora = {(r["scenario"], r["seed"], label(r, False)): r["rel_error"] for r in rows if r["method"] == "lora"}
     groups = {}
     for r in rows:
-        groups.setdefault((r["scenario"], r["method"], label(r)), []).append(r)
+        group = groups.setdefault((r["scenario"], r["method"], label(r)), [])
+        if all(o["seed"] != r["seed"] for o in group):       # one line per seed (a rerun repeats a line)
+            group.append(r)
     lines = ["| scenario | method | settings | n | rel. error | minus lora [95% CI] | gate MI (bit) "
              "| frozen-gate error | open components per token |", "|---|---|---|---|---|---|---|---|---|"]
     for (scenario, method, settings), mine in sorted(groups.items()):
@@ -791,6 +805,8 @@ def variant_table(rows: list[dict]) -> str:
         if method != "lora" and len(diffs) > 1:
             m, lo, hi = paired_interval(diffs)
             d = f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={len(diffs)})"
+        elif method != "lora" and diffs:
+            d = f"{diffs[0]:+.3f} (n=1, no interval)"
 
         def mean(key):
             values = [r[key] for r in mine if r.get(key) is not None]

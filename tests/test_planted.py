@@ -176,24 +176,29 @@ def test_config_checks():
 # One tiny case of each scenario
 # ---------------------------------------------------------------------------------------------------------
 
-def test_heterogeneous_allocation_finds_the_planted_layers_and_a_random_allocator_does_not(tiny, monkeypatch):
+def test_heterogeneous_allocation_finds_the_planted_layers(tiny):
     cfg, base, streams = tiny
-    good, broken = [], []
+    good = []
     for seed in (0, 1):
         setting = planted.make_setting(base, streams, cfg, "heterogeneous", seed)
         good.append(planted.run_one(base, setting, cfg, "heterogeneous", "alloc", seed))
-        with monkeypatch.context() as m:          # a broken allocator: scores that know nothing
-            m.setattr(dynlora, "importance_score", lambda ipt, unc: torch.rand(ipt["A"].shape[0]))
-            broken.append(planted.run_one(base, setting, cfg, "heterogeneous", "alloc", seed))
-        if seed == 1:
-            lora = planted.run_one(base, setting, cfg, "heterogeneous", "lora", seed)
-    share = lambda rows: np.mean([r["budget_share"] for r in rows])
+    lora = planted.run_one(base, setting, cfg, "heterogeneous", "lora", 1)
     assert lora["budget_share"] == 0.5                                         # uniform: 2 of 4 layers planted
-    assert share(good) >= 0.75                                                 # most of the budget where it belongs
-    assert share(broken) <= 0.7 and share(good) - share(broken) >= 0.15
+    assert np.mean([r["budget_share"] for r in good]) >= 0.75                  # most of the budget where it belongs
     assert all(r["rank_spearman"] > 0.5 for r in good)
+    assert all(r["rel_error"] < 0.2 for r in good)
     assert good[1]["rel_error"] < lora["rel_error"] - 0.05                     # and it pays off
-    assert all(g["rel_error"] < b["rel_error"] for g, b in zip(good, broken))
+
+
+def test_heterogeneous_a_broken_allocator_does_not(tiny, monkeypatch):
+    """Scores that know nothing (random): the same schedule spreads the budget by chance and the error stays
+    near LoRA's (the test above: the working allocator's share >= 0.75, its error < 0.2)."""
+    cfg, base, streams = tiny
+    monkeypatch.setattr(dynlora, "importance_score", lambda ipt, unc: torch.rand(ipt["A"].shape[0]))
+    broken = [planted.run_one(base, planted.make_setting(base, streams, cfg, "heterogeneous", seed), cfg,
+                              "heterogeneous", "alloc", seed) for seed in (0, 1)]
+    assert np.mean([r["budget_share"] for r in broken]) <= 0.7
+    assert all(r["rel_error"] > 0.2 for r in broken)
 
 
 class ConstantGate(dynlora.RankGate):
@@ -275,3 +280,9 @@ def test_append_jsonl_appends_whole_lines_once_and_names_a_bad_line(tmp_path):
         fh.write('{"cut": \n')
     with pytest.raises(ValueError, match=r"x.jsonl:4: not a JSON line"):
         runs.load_jsonl(path)
+
+
+def test_help_lists_every_flag_with_its_comment(capsys):
+    code, _ = cli("planted", "--help")
+    out = " ".join(capsys.readouterr().out.split())                           # argparse wraps the lines
+    assert code == 0 and "--heterogeneous-ranks" in out and "cosine decay to a tenth" in out
