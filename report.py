@@ -32,6 +32,7 @@ import numpy as np
 
 import data
 import dynlora
+import planted
 import runs
 
 README = runs.REPO / "README.md"
@@ -425,7 +426,6 @@ def write_report(readme: Path = README, results_dir: Path = runs.RESULTS_DIR, da
     report = render_report(runs.load_results(results_dir), bench, data_dir)
     planted_rows = runs.load_jsonl(Path(results_dir) / "planted.jsonl")
     if planted_rows:
-        import planted                      # its table; planted imports neither report nor train
         report += "\n" + planted.summary_table(planted_rows)
     import_path = Path(results_dir) / "import.json"
     if import_path.is_file():
