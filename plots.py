@@ -9,6 +9,8 @@ plots.py -- the figures a run writes next to its metrics (matplotlib, PNG, no sc
   planted_scenario    the known-answer benchmark (planted.py), one scenario: held-out relative error per
                       method and seed, final rank per layer against the planted rank, and how much the
                       gates depend on the input
+  adapter_diagram     the adapted layer h = W0 x + b + s B diag(m * g(x)) A x drawn as a data flow (the
+                      notebooks show it in chapters 2-4)
 
 Each function takes plain Python data (lists of dicts from the metrics log, or dicts of arrays), so the
 notebooks can call them on saved runs.
@@ -164,3 +166,73 @@ def planted_scenario(rows: list, scenario: str, path) -> Path:
     ax3.grid(alpha=0.3)
     _save(fig, path)
     return path
+
+
+def adapter_diagram(gate: bool = True, allocation: bool = True, path=None):
+    """The adapted layer drawn as a data-flow diagram:
+
+        h = W0 x + b + s B diag(m * g(x)) A x
+
+    the frozen path on top (W0, b), the low-rank path below (A, then the r rank components z = A x scaled by
+    the allocator's mask m and the gate g, then B and the scale s). gate=False leaves out g (chapter 1 with
+    allocation only, or plain LoRA with allocation=False too); allocation=False leaves out m. Returns the
+    figure (a notebook shows it), and writes it to `path` if given."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    ax.set_xlim(0, 11)
+    ax.set_ylim(0, 4.6)
+    ax.axis("off")
+
+    def box(x, y, text, color, w=1.3, h=0.7, size=10):
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05", fc=color, ec="k"))
+        ax.text(x, y, text, ha="center", va="center", fontsize=size)
+
+    def arrow(p, q, text="", dy=0.15, style="-|>"):
+        ax.add_patch(FancyArrowPatch(p, q, arrowstyle=style, mutation_scale=14, lw=1.2, color="k"))
+        if text:
+            ax.text((p[0] + q[0]) / 2, (p[1] + q[1]) / 2 + dy, text, ha="center", va="bottom", fontsize=9)
+
+    frozen, trained, dynamic = "#d9d9d9", "#cfe2f3", "#fce5cd"
+    ax.text(0.35, 2.9, "x", fontsize=16, ha="center", va="center")                        # the layer input, (d_in,)
+    box(2.4, 3.9, "$W_0$  (frozen)\n$d_{out} \\times d_{in}$", frozen, w=1.8, h=0.8)
+    arrow((0.5, 3.0), (1.5, 3.8), "")
+    ax.add_patch(plt.Circle((9.2, 3.9), 0.25, fc="white", ec="k"))
+    ax.text(9.2, 3.9, "+", ha="center", va="center", fontsize=14)
+    arrow((3.3, 3.9), (8.95, 3.9), "$W_0 x$")
+    arrow((9.2, 4.55), (9.2, 4.15), "")
+    ax.text(9.45, 4.45, "$b$", fontsize=11)
+    arrow((9.45, 3.9), (10.4, 3.9), "")
+    ax.text(10.6, 3.9, "h", fontsize=16, ha="center", va="center")
+
+    box(2.4, 1.9, "$A$  (trained)\n$r \\times d_{in}$", trained, w=1.8, h=0.8)
+    arrow((0.5, 2.8), (1.5, 2.0), "")
+    inner = " \\odot ".join(t for t, on in (("m", allocation), ("g(x)", gate)) if on)    # m * g(x), g(x), m or none
+    if inner:
+        label = f"$\\mathrm{{diag}}({inner})$"
+        box(5.0, 1.9, label, dynamic, w=1.8, h=0.8)
+        arrow((3.3, 1.9), (4.1, 1.9), "$z = Ax$")
+        after = 5.9
+    else:
+        after = 3.3
+    box(7.0, 1.9, "$B$  (trained)\n$d_{out} \\times r$", trained, w=1.6, h=0.8)
+    arrow((after, 1.9), (6.2, 1.9), "" if inner else "$z = Ax$")
+    box(8.55, 1.9, "$\\times\\, s$", "white", w=0.8, h=0.6)
+    arrow((7.8, 1.9), (8.15, 1.9), "")
+    arrow((8.95, 1.9), (9.2, 3.65), "")
+    if gate:
+        box(5.0, 0.45, "gate  $g = \\sigma(W_g [z;\\, Px] + c)$\n(per token, chapter 2)", dynamic, w=3.4, h=0.75, size=9)
+        arrow((5.0, 0.85), (5.0, 1.5), "")
+        arrow((3.75, 1.9), (3.75, 0.85), "")                                  # z into the gate
+        ax.text(3.55, 1.15, "$z$", fontsize=10)
+        ax.plot([0.35, 0.35], [2.65, 0.45], color="k", lw=1.2)                 # x into the gate (P x)
+        arrow((0.35, 0.45), (3.3, 0.45), "$x$")
+    if allocation:
+        box(5.0, 3.0, "mask $m \\in \\{0,1\\}^r$: the allocator's\nbudget (chapter 3)", dynamic, w=3.0, h=0.7, size=9)
+        arrow((5.0, 2.65), (5.0, 2.3), "")
+    terms = f"\\,\\mathrm{{diag}}({inner})\\," if inner else ""
+    ax.set_title(f"$h = W_0 x + b + s\\, B{terms} A x$", fontsize=14)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
