@@ -745,6 +745,14 @@ def load_adapter(path, model: nn.Module, gate_class: type[nn.Module] | None = No
 # hook of the statistics and the frozen vector. LoRALinear only calls it. Another gate is another module --
 # a subclass of RankGate with its own forward -- passed to apply_lora(model, config, gate_class=...).
 
+def _aside_generator() -> torch.Generator:
+    """A CPU generator seeded from the global random stream without advancing it: what is drawn from it leaves
+    every later draw of the global stream as it would have been. (A copy of the global generator gives one
+    number, the seed of a fresh generator, so its stream does not repeat the numbers A will be drawn from.)"""
+    copy = torch.Generator().set_state(torch.get_rng_state())
+    return torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=copy)) ^ 0x5DEECE66D)
+
+
 class RankGate(nn.Module):
     """The input-driven gate of one adapted layer: g = sigmoid(W_g [z; P x] + c) in [0,1]^r, per token, with
     z = A x the layer's rank components and P x (p = x_dims learned directions of the input) what the gate
@@ -777,8 +785,12 @@ class RankGate(nn.Module):
         self.weight = nn.Parameter(torch.zeros(r, r + x_dims, **factory))       # W_g over [z; P x]
         self.bias = nn.Parameter(torch.full((r,), float(init), **factory))      # c
         if x_dims:
-            self.proj = nn.Parameter(torch.empty(x_dims, d_in, **factory))      # P
-            nn.init.kaiming_uniform_(self.proj, a=math.sqrt(5))                 # as A: random, so W_g learns
+            # P is random, as A is, so that W_g has something to learn from. It is drawn from a generator of
+            # its own (_aside_generator), so that A and everything drawn after the gate are the same numbers
+            # as in a LoRA model of the same seed: "same seed, same initialisation" holds for gate vs lora.
+            proj = torch.empty(x_dims, d_in)
+            nn.init.kaiming_uniform_(proj, a=math.sqrt(5), generator=_aside_generator())
+            self.proj = nn.Parameter(proj.to(**factory))                         # P
         self.register_buffer("frozen_mean", torch.ones(r, **factory))
         self.register_buffer("frozen", torch.tensor(False, device=device))
         self.register_load_state_dict_post_hook(RankGate._after_load)

@@ -6,6 +6,7 @@ train.py -- what a run does: pretrain a GPT, fine-tune it on GLUE, evaluate it; 
     python train.py finetune --task T --method M [options]   # M: full | lora | alloc | gate | dynlora | adalora
     python train.py eval --run runs/<run>                   # score a saved fine-tuned model on the dev split(s)
     python train.py export --run runs/<run>                 # an adapter run merged into a plain model.pt
+    python train.py gates --run runs/<run> [...]            # how much a gated run's gates depend on the input
     python train.py report                                  # render the README's result tables from results/
     python train.py bench                                   # speed and memory figures, side by side
     python train.py import [--from F] [--out-dir O]         # a GGUF file or a Hugging Face folder (GPT-2, Llama)
@@ -25,7 +26,8 @@ What this file holds, in order:
   3. The training step (devices, mixed precision, DDP, gradient accumulation)
   4. Pretraining: setup, the step loop, finishing
   5. Fine-tuning: a run's data, setup, the epoch loop, finishing
-  6. Evaluation: predictions, metrics, re-scoring a saved run, the merged (deployable) model
+  6. Evaluation: predictions, metrics, re-scoring a saved run, the merged (deployable) model, the gates'
+     dependence on the input
   7. The main job and the command line
 
 What a run leaves on disk (checkpoints, model files, results) is runs.py's business; the README's tables are
@@ -1075,6 +1077,93 @@ def export_merged(run_dir: str, out_dir: str | None = None, data_dir: str | None
     return out
 
 
+GATES_FILE = "gates.jsonl"   # what `train.py gates` appends to, beside the runs' finetune.jsonl
+GATE_EXAMPLES = 400          # dev examples `train.py gates` reads per run (every k-th length-sorted batch)
+
+
+def _strided_batches(batcher: data.BucketBatcher, max_examples: int) -> list:
+    """Every k-th batch of a length-sorted dev batcher, k chosen so that about max_examples examples are
+    kept: a subsample that keeps the split's spread of lengths."""
+    batches = list(batcher.epoch(0))
+    per_batch = max(1, len(batches[0][1])) if batches else 1
+    stride = max(1, math.ceil(len(batches) * per_batch / max_examples))
+    return batches[::stride]
+
+
+@torch.no_grad()
+def record_gates(model: GPTClassifier, batches: list, pad_id: int) -> tuple[dict, np.ndarray]:
+    """Run the batches and keep every gate value at every real (non-pad) position: (layer -> (N, k) effective
+    gates m * g of its k active components, (N,) the label of each position's sentence)."""
+    layers = dynlora.live_gates(model)
+    if not layers:
+        raise ValueError("gates: this run has no input-driven gates (its method is not gate or dynlora)")
+    kept, seen, labels = {n: [] for n, _ in layers}, {}, []
+    for name, layer in layers:
+        layer.gate.recorder = (lambda g, mask, name=name: seen.__setitem__(name, g if mask is None else g * mask))
+    try:
+        for idx, y in batches:
+            model(idx)
+            real = (idx != pad_id).reshape(-1)                                    # (B T,)
+            for name, layer in layers:
+                active = layer.mask.bool() if layer.masked else torch.ones(layer.r, dtype=torch.bool)
+                kept[name].append(seen[name].reshape(-1, layer.r)[real][:, active])  # (B T, r) -> (N_b, k)
+            labels.append(y.repeat_interleave(idx.shape[1])[real].numpy())         # (B,) -> (N_b,)
+    finally:
+        for _, layer in layers:
+            layer.gate.recorder = None
+    return {n: torch.cat(v) for n, v in kept.items()}, np.concatenate(labels)
+
+
+def gate_dependence(run_dir: str, data_dir: str | None = None, backbone: str | None = None,
+                    max_examples: int = GATE_EXAMPLES) -> dict:
+    """How much a gated run's gates depend on their input, on (a subsample of) its dev split -- the figures
+    the known-answer benchmark reports (planted.score_student), measured on GLUE:
+
+      gate_var_tokens / gate_var_layers: the variance of an effective gate across tokens (per component,
+        averaged) against the variance of the per-layer mean gate across layers; token_share = var_tokens /
+        (var_tokens + var_layers) is near 0 for a static per-layer switch and near 1 when tokens choose;
+      effective rank per token (components above 0.5): its mean and its standard deviation across tokens;
+      gate_mi_label_bits: the mutual information between a token's open-gate pattern and its sentence's
+        label (classification tasks), averaged over layers;
+      value_histogram: 20 bins of the effective gate values on [0, 1], all layers pooled;
+      merge_cost: the run's last_score - merged_score (gates frozen to their means), from final.json.
+    """
+    model, tok, meta = runs.load_finetuned(run_dir, backbone)
+    task = data.get_task(meta["task"])
+    run_data = saved_run_data(Path(run_dir), meta, data_dir, backbone, tok)
+    batches = [b for batcher in run_data.dev.values() for b in _strided_batches(batcher, max_examples)]
+    gates, labels = record_gates(model, batches, model.gpt.config.pad_id)
+    gates = {n: g for n, g in gates.items() if g.shape[1] > 0}
+    ranks = torch.stack([(g > 0.5).sum(1).float() for g in gates.values()])      # (L, N)
+    pooled = torch.cat([g.reshape(-1) for g in gates.values()]).numpy()
+    out = {**planted.gate_variances(gates), "mean_effective_rank": float(ranks.mean()),
+           "effective_rank_sd_tokens": float(ranks.std(1, unbiased=False).mean()),
+           "value_histogram": np.histogram(pooled, bins=20, range=(0.0, 1.0))[0].tolist()}
+    var_t, var_l = out["gate_var_tokens"], out["gate_var_layers"]
+    out["token_share"] = var_t / (var_t + var_l) if var_t + var_l > 0 else None
+    out["gate_mi_label_bits"] = (float(np.mean([planted.mutual_information_bits(planted.open_pattern(g), labels)
+                                                for g in gates.values()])) if not task.is_regression else None)
+    final = json.loads((Path(run_dir) / "final.json").read_text()) if (Path(run_dir) / "final.json").is_file() else {}
+    out["merge_cost"] = final["last_score"] - final["merged_score"] if "merged_score" in final else None
+    cfg = runs.read_run_config(run_dir)["finetune"]
+    return {"run_id": f"{cfg.get('suite') or 'adhoc'}/{Path(run_dir).name}", "suite": cfg.get("suite", ""),
+            "task": task.name, "method": meta.get("method", cfg["method"]), "seed": cfg["seed"],
+            "backbone_sha256": final.get("backbone_sha256"), "dev_examples": int(sum(len(y) for _, y in batches)),
+            "tokens": int(len(labels)), "layers": len(gates), **out}
+
+
+def gates_command(run_dirs: list, data_dir: str | None, backbone: str | None, max_examples: int):
+    """`train.py gates`: gate_dependence of each run, appended to gates.jsonl beside the runs' results."""
+    for run in run_dirs:
+        record = gate_dependence(run, data_dir, backbone, max_examples)
+        cfg = runs.read_run_config(run)["finetune"]
+        path = runs.results_folder(cfg.get("results_dir", ""), cfg.get("suite", "")) / GATES_FILE
+        written = runs.append_jsonl(path, record)
+        print(f"gates: {record['run_id']}: token share of the gate variance {record['token_share']:.3f}, "
+              f"effective rank {record['mean_effective_rank']:.2f} +- {record['effective_rank_sd_tokens']:.2f} "
+              f"across tokens -> {path}{'' if written else ' (already there)'}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 7. The main job and the command line
 # ---------------------------------------------------------------------------------------------------------
@@ -1157,6 +1246,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="render the README's result tables from results/")
     p = sub.add_parser("bench", help="speed and memory figures (writes results/bench.json)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p = sub.add_parser("gates", help="how much a gated run's gates depend on the input, on its dev split")
+    p.add_argument("--run", required=True, nargs="+", help="gate or dynlora run folder(s) written by finetune")
+    p.add_argument("--max-examples", type=int, default=GATE_EXAMPLES, help="dev examples to read per run "
+                   "(every k-th length-sorted batch, so the spread of lengths is kept)")
+    p.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR, else ./data/glue)")
+    p.add_argument("--backbone", default=None, help="backbone folder (default: the one trained with)")
     p = sub.add_parser("import", help="convert a GGUF file or a Hugging Face folder into a backbone folder")
     p.add_argument("--from", dest="source", default=None,
                    help="a llama .gguf file, or a Hugging Face folder of GPT-2 or a Llama (config.json, "
@@ -1203,6 +1298,10 @@ def run_command(args: argparse.Namespace):
         print(report.write_report())
     elif args.command == "bench":
         bench.run(quick=args.quick)
+    elif args.command == "gates":
+        if args.max_examples < 1:
+            raise ValueError(f"--max-examples must be at least 1, got {args.max_examples}")
+        gates_command(args.run, args.data_dir, args.backbone, args.max_examples)
     elif args.command == "import":
         import_command(args.source, args.out_dir, args.check, args.data_dir)
     elif args.command == "planted":

@@ -363,6 +363,24 @@ def test_merge_and_unload_returns_a_plain_equivalent_model():
 # Chapter 2: input-driven gating
 # ---------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("pair", [("gate", "lora", 4), ("dynlora", "alloc", 4)])
+def test_a_gate_leaves_the_initialisation_of_the_same_shapes_unchanged(pair):
+    """Same seed, same shapes -> the same A in every layer (and the same head), with or without gates: the
+    gate's projection P is drawn aside (dynlora._aside_generator), so paired runs start from the same point."""
+    gated_method, plain_method, r = pair
+    gated, _ = adapted(gated_method, seed=7, r=r, target_r=2)
+    plain, _ = adapted(plain_method, seed=7, r=r, target_r=2)
+    a = {n: l.lora_A.detach() for n, l in adapter_layers(gated)}
+    b = {n: l.lora_A.detach() for n, l in adapter_layers(plain)}
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    gates = [l.gate for _, l in adapter_layers(gated)]
+    assert all(g.x_dims == 1 for g in gates)
+    assert not torch.equal(gates[0].proj, gates[1].proj)             # each layer's P is its own draw
+    assert not torch.allclose(gates[0].proj, torch.zeros_like(gates[0].proj))
+    again, _ = adapted(gated_method, seed=7, r=r, target_r=2)           # and P is reproducible
+    assert torch.equal(gates[0].proj, adapter_layers(again)[0][1].gate.proj)
+
+
 def test_open_gate_reproduces_static_lora():
     torch.manual_seed(0)
     base = nn.Linear(12, 10)

