@@ -11,6 +11,10 @@ plots.py -- the figures a run writes next to its metrics (matplotlib, PNG, no sc
                       gates depend on the input
   adapter_diagram     the adapted layer h = W0 x + b + s B diag(m * g(x)) A x drawn as a data flow (the
                       notebooks show it in chapters 2-4)
+  GLUE results        notebook 7's figures of one suite, one panel per task: glue_scores (a dot per seed, the
+                      mean, the majority-class line), glue_paired (the paired differences to LoRA with their
+                      95% t intervals, a line at 0, the smallest resolvable difference as a band) and
+                      glue_merged_costs (merged minus best-epoch score of the gated runs)
 
 Each function takes plain Python data (lists of dicts from the metrics log, or dicts of arrays), so the
 notebooks can call them on saved runs.
@@ -235,4 +239,188 @@ def adapter_diagram(gate: bool = True, allocation: bool = True, path=None):
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GLUE results (notebook 7): one panel per task, so that each task keeps its own scale; the numbers come from
+# report.py (the notebook passes them in), the legends sit below the panels, outside the data.
+
+METHOD_COLORS = {"full": "C0", "lora": "C1", "alloc": "C2", "gate": "C3", "dynlora": "C4", "adalora": "C5"}
+
+
+def _task_panels(tasks: list, width: float = 2.7, height: float = 3.4):
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.0, width * len(tasks)), height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _mark_uninformative(ax, task: str, weak: set):
+    if task in weak:
+        ax.set_facecolor("#efefef")
+        ax.set_title(f"{task}†  (uninformative)", fontsize=10)
+    else:
+        ax.set_title(task, fontsize=10)
+
+
+def _legend_below(fig, handles: list, weak_shown: bool):
+    """A figure legend under the panels (outside every axis); with an entry for the grey panel of an
+    uninformative task when one is shown."""
+    from matplotlib.patches import Patch
+
+    if weak_shown:
+        handles = handles + [Patch(fc="#efefef", ec="grey", label="† uninformative task: no method's mean beats "
+                                                                 "the majority class")]
+    fig.tight_layout()
+    return fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(handles)),
+                      fontsize=8, frameon=False)
+
+
+def _save_tight(fig, path):
+    if path is not None:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+SEED_MARKERS = "os^Dvp<>hX"
+
+
+def glue_scores(scores: dict, majority: dict, weak: set, title: str, path=None):
+    """Dev scores of one suite: one panel per task, one column per method, a dot per seed (one marker per seed,
+    the same in every column: runs of one seed are paired) and a bar at the mean over seeds (n under the
+    method's name), and the task's majority-class score as a dashed line.
+
+    scores: {task: {method: {seed: score x 100}}}; majority: {task: majority-class score x 100, or None};
+    weak: the uninformative tasks (no method beats the majority; grey panel, † in the title).
+    The y-axis of a panel spans the scores, not 0: where the majority line lies far outside that span (a
+    correlation task's 0, say) it is not drawn there but named at the panel's edge, so that the differences
+    between methods stay visible. Returns the figure (a notebook shows it), written to `path` if given."""
+    from matplotlib.lines import Line2D
+
+    tasks = [t for t in scores if any(scores[t].values())]
+    if not tasks:
+        return None
+    seeds = sorted({seed for t in tasks for by_seed in scores[t].values() for seed in by_seed})
+    marker = {seed: SEED_MARKERS[i % len(SEED_MARKERS)] for i, seed in enumerate(seeds)}
+    fig, axes = _task_panels(tasks)
+    for ax, task in zip(axes, tasks):
+        methods = [m for m in scores[task] if scores[task][m]]
+        values = [v for m in methods for v in scores[task][m].values()]
+        lo, hi = min(values), max(values)
+        span = max(hi - lo, 2.0)
+        base = majority.get(task)
+        if base is not None and lo - 1.5 * span <= base <= hi + 1.5 * span:
+            lo, hi = min(lo, base), max(hi, base)
+            span = max(hi - lo, 2.0)
+        pad = 0.18 * span
+        ax.set_ylim(lo - pad, hi + pad)
+        for i, m in enumerate(methods):
+            by_seed = scores[task][m]
+            for seed, v in by_seed.items():
+                ax.plot(i + 0.3 * (seeds.index(seed) / max(1, len(seeds) - 1) - 0.5), v, marker[seed], ls="",
+                        color=METHOD_COLORS.get(m, "grey"), alpha=0.8, ms=5)
+            ax.plot([i - 0.28, i + 0.28], [np.mean(list(by_seed.values()))] * 2, "-", color="k", lw=2)
+        if base is not None and lo - pad <= base <= hi + pad:
+            ax.axhline(base, color="k", ls="--", lw=1)
+        elif base is not None:
+            above = base > hi
+            ax.text(0.5, 0.97 if above else 0.03, f"majority class {base:.1f} {'↑' if above else '↓'} (off the axis)",
+                    transform=ax.transAxes, ha="center", va="top" if above else "bottom", fontsize=7)
+        ax.set_xticks(range(len(methods)), [f"{m}\nn={len(scores[task][m])}" for m in methods], fontsize=8)
+        ax.set_xlim(-0.6, len(methods) - 0.4)
+        ax.grid(alpha=0.3, axis="y")
+        _mark_uninformative(ax, task, weak)
+    axes[0].set_ylabel("GLUE dev score x 100")
+    fig.suptitle(title, fontsize=11)
+    handles = [Line2D([], [], ls="", marker=marker[seed], color="grey", label=f"seed {seed} (final model)")
+               for seed in seeds]
+    handles += [Line2D([], [], color="k", lw=2, label="mean over seeds"),
+               Line2D([], [], color="k", ls="--", lw=1, label="majority class (0 = chance for CoLA, STS-B)")]
+    _legend_below(fig, handles, bool(weak & set(tasks)))
+    _save_tight(fig, path)
+    return fig
+
+
+def glue_paired(intervals: dict, resolvable: dict, weak: set, title: str, path=None):
+    """Paired differences to LoRA of one suite: one panel per task, one column per method, the mean over seeds of
+    (method - LoRA) with its 95% t interval as an error bar (a hollow dot without a bar where only one seed is
+    paired; a star where the interval excludes 0), a line at 0, and a grey band of ± the task's smallest
+    resolvable difference.
+
+    intervals: {task: {method: (mean, half-width or None, n pairs)}} (report.paired_ci); resolvable: {task:
+    (half-width or None, n)} (report.resolvable_difference); weak: the uninformative tasks. A method without a
+    pair on a task (n = 0) is left out of its panel. Returns the figure, written to `path` if given; None when no
+    task has a pair."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    tasks = [t for t in intervals if any(n > 0 for _, _, n in intervals[t].values())]
+    if not tasks:
+        return None
+    fig, axes = _task_panels(tasks)
+    for ax, task in zip(axes, tasks):
+        methods = [m for m in intervals[task] if intervals[task][m][2] > 0]     # the methods with a pair here
+        half_r, n_r = resolvable.get(task, (None, 0))
+        if half_r is not None:
+            ax.axhspan(-half_r, half_r, color="tab:blue", alpha=0.12, lw=0)
+        ax.axhline(0, color="k", lw=1)
+        labels = []
+        for i, m in enumerate(methods):
+            mean, half, n = intervals[task][m]
+            color = METHOD_COLORS.get(m, "grey")
+            if half is None:
+                ax.plot(i, mean, "o", mfc="white", mec=color, ms=7, mew=1.5)
+                labels.append(f"{m}\nn=1")
+                continue
+            excludes = mean - half > 0 or mean + half < 0
+            ax.errorbar(i, mean, yerr=half, fmt="*" if excludes else "o", ms=12 if excludes else 6, color=color,
+                        capsize=4, lw=1.5)
+            labels.append(f"{m}\nn={n}\ndf={n - 1}")
+        ax.set_xticks(range(len(methods)), labels, fontsize=7)
+        ax.set_xlim(-0.6, len(methods) - 0.4)
+        ax.grid(alpha=0.3, axis="y")
+        _mark_uninformative(ax, task, weak)
+    axes[0].set_ylabel("method − LoRA, points x 100")
+    fig.suptitle(title, fontsize=11)
+    handles = [Line2D([], [], ls="", marker="o", color="grey", label="mean of the paired differences"),
+               Line2D([], [], color="grey", lw=1.5, label="95% t interval (df = n − 1)"),
+               Line2D([], [], ls="", marker="*", ms=10, color="grey", label="interval excludes 0"),
+               Line2D([], [], ls="", marker="o", mfc="white", mec="grey", label="one pair: no interval"),
+               Patch(color="tab:blue", alpha=0.12, label="± smallest resolvable difference")]
+    _legend_below(fig, handles, bool(weak & set(tasks)))
+    _save_tight(fig, path)
+    return fig
+
+
+def glue_merged_costs(costs: dict, title: str, path=None):
+    """The merged-model cost of the gated runs of one suite: per task (x) and method (offset), a dot per run of
+    merged score − the best-epoch score it was merged from (report.merged_costs), a bar at the mean, a line at 0.
+
+    costs: {task: {method: [points x 100 per run]}}. Returns the figure, written to `path` if given; None when
+    no run has a merged score."""
+    from matplotlib.lines import Line2D
+
+    tasks = [t for t in costs if any(costs[t].values())]
+    if not tasks:
+        return None
+    methods = [m for m in METHOD_COLORS if any(costs[t].get(m) for t in tasks)]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(tasks) + 2), 3.4))
+    width = 0.7 / len(methods)
+    for j, m in enumerate(methods):
+        for i, t in enumerate(tasks):
+            c = np.asarray(costs[t].get(m) or [], dtype=float)
+            if not c.size:
+                continue
+            x = i + (j - (len(methods) - 1) / 2) * width
+            ax.plot(x + np.linspace(-0.25, 0.25, c.size) * width if c.size > 1 else [x], c, "o",
+                    color=METHOD_COLORS[m], alpha=0.75, ms=5)
+            ax.plot([x - 0.4 * width, x + 0.4 * width], [c.mean()] * 2, "-", color=METHOD_COLORS[m], lw=2)
+    ax.axhline(0, color="k", lw=1)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_xlim(-0.6, len(tasks) - 0.4)
+    ax.set(title=title, ylabel="merged − best-epoch score, points x 100")
+    ax.grid(alpha=0.3, axis="y")
+    handles = [Line2D([], [], ls="", marker="o", color=METHOD_COLORS[m], label=f"{m}: one run") for m in methods]
+    handles.append(Line2D([], [], color="k", lw=2, label="bar: mean over runs"))
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    _save_tight(fig, path)
     return fig

@@ -10,7 +10,10 @@ What this file holds, in order:
                       seeds can resolve), merged_costs (merged model minus the best-epoch model it came from).
   2. Baselines     -- default_data_dir, majority_scores: the dev score of the majority-class predictor per
                       task (data.majority_baseline), "—" where the GLUE files are not found.
-  3. render_report -- per suite: the score table (methods x tasks, mean +- std over seeds, a majority-class
+  3. render_report -- split_suites (the suites, the pretrained backbone's first) and suite_columns (a suite's
+                      tasks, methods, majority scores and uninformative tasks); paired_summary (the paired
+                      intervals and the resolvable difference of a suite, the numbers of its paired table and
+                      of notebook 7's figures); per suite: the score table (methods x tasks, mean +- std over seeds, a majority-class
                       row, † on tasks no method beats it on, parameter counts, wall time over the tasks every
                       method has), the paired differences to LoRA with 95% intervals and the resolvable
                       difference, the gated methods' merged-model cost and effective rank, where the
@@ -216,8 +219,8 @@ def score_table(rows, tasks, methods, majority, labels) -> list:
     return lines + [""] + notes
 
 
-def _diff_cell(diffs) -> str:
-    mean, half, n = paired_ci(diffs)
+def _diff_cell(interval) -> str:
+    mean, half, n = interval
     if n == 0:
         return "—"
     if half is None:
@@ -228,10 +231,20 @@ def _diff_cell(diffs) -> str:
     return f"{interval} (n={n}, df={n - 1})"
 
 
+def paired_summary(rows, tasks, methods) -> tuple[dict, dict]:
+    """({(task, method): paired_ci(paired_diffs(rows, task, method))} for every method but LoRA,
+    {task: resolvable_difference over the paired differences of the DYNAMIC methods on the task}): the numbers
+    of the paired table. A pair without runs is (nan, None, 0); a task without two pairs is (None, 0)."""
+    intervals = {(t, m): paired_ci(paired_diffs(rows, t, m)) for t in tasks for m in methods if m != BASELINE}
+    resolvable = {t: resolvable_difference([paired_diffs(rows, t, m) for m in DYNAMIC]) for t in tasks}
+    return intervals, resolvable
+
+
 def paired_table(rows, tasks, methods, labels) -> list:
     others = [m for m in methods if m != BASELINE]
     if BASELINE not in methods or not others:
         return []
+    intervals, resolvable = paired_summary(rows, tasks, methods)
     lines = [f"Paired difference to LoRA, points x 100 of the final model's dev score: the mean over the seeds "
              f"both ran of (method − LoRA) [95% t interval, df = n − 1]; a run is paired with LoRA's run of the "
              f"same task and seed (same batch order), an unpaired seed is left out. **Bold**: the interval "
@@ -240,12 +253,12 @@ def paired_table(rows, tasks, methods, labels) -> list:
              f"and n their fewest pairs.\n",
              "| method − lora | " + " | ".join(labels[t] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for m in others:
-        lines.append(f"| {m} | " + " | ".join(_diff_cell(paired_diffs(rows, t, m)) for t in tasks) + " |")
+        lines.append(f"| {m} | " + " | ".join(_diff_cell(intervals[(t, m)]) for t in tasks) + " |")
     if not set(DYNAMIC) & set(methods):
         return lines
     cells = []
     for t in tasks:
-        half, n = resolvable_difference([paired_diffs(rows, t, m) for m in DYNAMIC])
+        half, n = resolvable[t]
         cells.append(f"±{half:.1f} (n={n})" if half is not None else "—")
     return lines + ["| smallest resolvable difference | " + " | ".join(cells) + " |"]
 
@@ -315,11 +328,26 @@ def allocation_table(rows, tasks, methods, labels) -> list:
     return lines
 
 
-def render_suite(suite: str, rows: list, data_dir) -> str:
+def split_suites(results: list) -> dict:
+    """{suite: its result lines}, the pretrained backbone's suite ("smollm2") first -- the one whose tasks can
+    tell methods apart -- then the others by name. Runs of the first grids carry suite "" for the default
+    suite; later runs name it "default": both are "default" here."""
+    names = sorted({r.get("suite") or "default" for r in results}, key=lambda name: (name != "smollm2", name))
+    return {s: [r for r in results if (r.get("suite") or "default") == s] for s in names}
+
+
+def suite_columns(rows: list, data_dir) -> tuple[list, list, dict, set]:
+    """(tasks, methods, majority, uninformative) of one suite's lines: its tasks and methods in the report's
+    order, {task: majority-class dev score, None without the GLUE files} and the tasks no method's mean final
+    score beats the majority on."""
     tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in rows)]
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
     majority = majority_scores(tasks, data_dir)
-    weak = uninformative(rows, tasks, methods, majority)
+    return tasks, methods, majority, uninformative(rows, tasks, methods, majority)
+
+
+def render_suite(suite: str, rows: list, data_dir) -> str:
+    tasks, methods, majority, weak = suite_columns(rows, data_dir)
     labels = {t: t + ("†" if t in weak else "") for t in tasks}
     lines = [f"**Suite `{suite or 'default'}`** — GLUE dev score x 100 of the model at the end of training "
              f"(mean ± std over seeds, n = seeds), trainable parameters, wall time per run.\n"]
@@ -343,10 +371,7 @@ def render_report(results: list, bench: dict | None = None, data_dir=None) -> st
     budget has shrunk to the target, which would compare it to LoRA at a larger budget.
     """
     data_dir = default_data_dir() if data_dir is None else Path(data_dir)
-    # Runs of the first grids carry suite "" for the default suite; later runs name it "default".
-    # The pretrained backbone's suite first: it is the one whose tasks can tell methods apart.
-    suites = sorted({r.get("suite") or "default" for r in results}, key=lambda name: (name != "smollm2", name))
-    parts = [render_suite(s, [r for r in results if (r.get("suite") or "default") == s], data_dir) for s in suites]
+    parts = [render_suite(s, rows, data_dir) for s, rows in split_suites(results).items()]
     if bench:
         parts.append(render_bench(bench))
     return "\n".join(parts)

@@ -19,3 +19,43 @@ def test_the_adapter_diagram_draws_the_formula_of_its_switches(gate, allocation,
     else:
         assert rf"\mathrm{{diag}}({term})" in title, title
     assert ("W_g" in texts) == gate and ("allocator" in texts) == allocation, texts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GLUE results (notebook 7)
+
+def _texts(fig):
+    return " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def test_glue_scores_draws_the_majority_line_or_names_it_when_far_off(tmp_path):
+    scores = {"RTE": {"lora": {0: 55.0, 1: 57.0}, "gate": {0: 56.0}}, "STS-B": {"lora": {0: 69.0, 1: 70.0}}}
+    fig = plots.glue_scores(scores, {"RTE": 52.7, "STS-B": 0.0}, {"RTE"}, "t", path=tmp_path / "s.png")
+    rte, stsb = fig.axes
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert rte.get_ylim()[0] < 52.7 and "majority" not in " ".join(t.get_text() for t in rte.texts)
+    assert stsb.get_ylim()[0] > 50 and "majority class 0.0" in " ".join(t.get_text() for t in stsb.texts)
+    assert "†" in rte.get_title() and "†" not in stsb.get_title()
+    assert [t.get_text() for t in rte.get_xticklabels()] == ["lora\nn=2", "gate\nn=1"]
+    assert {t.get_text() for t in fig.legends[0].get_texts()} >= {"seed 0 (final model)", "seed 1 (final model)"}
+    plt.close(fig)
+    assert plots.glue_scores({"RTE": {}}, {}, set(), "t") is None
+
+
+def test_glue_paired_stars_an_interval_that_excludes_zero_and_leaves_out_unpaired_methods():
+    intervals = {"RTE": {"alloc": (2.0, 1.0, 3), "gate": (0.5, 2.0, 3), "full": (4.0, None, 1), "adalora": (float("nan"), None, 0)}}
+    fig = plots.glue_paired(intervals, {"RTE": (1.5, 3)}, set(), "t")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["alloc\nn=3\ndf=2", "gate\nn=3\ndf=2", "full\nn=1"]
+    markers = [line.get_marker() for line in ax.get_lines() if line.get_linestyle() in ("None", "")]
+    assert markers.count("*") == 1
+    plt.close(fig)
+    assert plots.glue_paired({"RTE": {"gate": (float("nan"), None, 0)}}, {}, set(), "t") is None
+
+
+def test_glue_merged_costs_needs_a_merged_run():
+    assert plots.glue_merged_costs({"RTE": {"gate": [], "dynlora": []}}, "t") is None
+    fig = plots.glue_merged_costs({"RTE": {"gate": [-1.0, 0.5]}, "MRPC": {"gate": [0.0]}}, "t")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["RTE", "MRPC"]
+    plt.close(fig)

@@ -197,3 +197,18 @@ def test_the_allocation_table_gives_the_budget_shares_by_projection_and_depth():
     rows = [dict(task="RTE", method="alloc", seed=0, final_ranks=ranks)]
     table = "\n".join(report.allocation_table(rows, ["RTE"], ["alloc"], {"RTE": "RTE"}))
     assert "| alloc | v 62%; 50 / 38 / 12 |" in table
+
+
+def test_suites_come_smollm2_first_and_their_columns_and_paired_summary_are_the_tables():
+    rows = [run("RTE", "lora", s, 0.5, suite="") for s in range(3)]                  # the first grids' "" is default
+    rows += [run("RTE", "gate", s, 0.5 + d / 100, suite="default") for s, d in enumerate([1, 2, 3])]
+    rows += [run("MRPC", "lora", 0, 0.7, suite="smollm2"), run("CoLA", "alloc", 0, 0.1, suite="aaa")]
+    suites = report.split_suites(rows)
+    assert list(suites) == ["smollm2", "aaa", "default"] and len(suites["default"]) == 6
+    tasks, methods, majority, weak = report.suite_columns(suites["default"], FIXTURES)
+    assert (tasks, methods) == (["RTE"], ["lora", "gate"]) and weak == {"RTE"}     # majority 66.7 on the fixtures
+    intervals, resolvable = report.paired_summary(suites["default"], tasks, methods)
+    diffs = report.paired_diffs(suites["default"], "RTE", "gate")                   # 1, 2, 3 points
+    assert diffs == pytest.approx([1.0, 2.0, 3.0]) and ("RTE", "lora") not in intervals
+    assert intervals[("RTE", "gate")] == report.paired_ci(diffs)
+    assert resolvable["RTE"] == report.resolvable_difference([diffs])
