@@ -16,8 +16,8 @@ What this file holds, in order:
                       of notebook 7's figures); per suite: the score table (methods x tasks, mean +- std over seeds, a majority-class
                       row, † on tasks no method beats it on, parameter counts, wall time over the tasks every
                       method has), the paired differences to LoRA with 95% intervals and the resolvable
-                      difference, the gated methods' merged-model cost and effective rank, where the
-                      allocating methods put their final budget.
+                      difference, the gated methods' merged-model cost, effective rank and dependence on
+                      the input (results/gates.jsonl), where the allocating methods put their final budget.
   4. render_bench  -- the benchmark's figures and targets (results/bench.json, written by bench.py), each
                       target marked ✓ or ✗ missed (target_met).
   5. render_import -- the check of an imported backbone (results/import.json).
@@ -328,6 +328,36 @@ def allocation_table(rows, tasks, methods, labels) -> list:
     return lines
 
 
+def gates_table(gates: list, tasks, labels) -> list:
+    """How much the gates depend on the input on dev (records of `train.py gates`, one per gated run): the
+    token share of the gate variance, the effective rank per token (mean +- its spread across tokens) and the
+    mutual information between the open-gate pattern and the sentence's label; mean over seeds."""
+    methods = [m for m in GATED if any(g["method"] == m for g in gates)]
+    if not methods:
+        return []
+    examples = sorted({g["dev_examples"] for g in gates})
+    lines = ["Gated methods: how much the gates depend on the input (`python train.py gates`; "
+             f"{_count_range(examples)} dev examples per run). Per cell: token share of the gate variance, "
+             "var across tokens / (var across tokens + var of the layer means across layers) -- near 0 for a "
+             "static per-layer switch; effective rank per token, mean ± sd across tokens; mutual information "
+             "between the open-gate pattern and the label (bit). Mean over seeds (n).\n",
+             "| method | " + " | ".join(labels[t] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for t in tasks:
+            mine = [g for g in gates if g["method"] == m and g["task"] == t]
+            if not mine:
+                cells.append("—")
+                continue
+            share = np.mean([g["token_share"] for g in mine if g["token_share"] is not None])
+            rank, sd = np.mean([g["mean_effective_rank"] for g in mine]), np.mean([g["effective_rank_sd_tokens"] for g in mine])
+            mi = [g["gate_mi_label_bits"] for g in mine if g.get("gate_mi_label_bits") is not None]
+            cells.append(f"{share:.2f}; {rank:.1f} ± {sd:.1f}" + (f"; {np.mean(mi):.3f} bit" if mi else "")
+                         + f" (n={len(mine)})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def split_suites(results: list) -> dict:
     """{suite: its result lines}, the pretrained backbone's suite ("smollm2") first -- the one whose tasks can
     tell methods apart -- then the others by name. Runs of the first grids carry suite "" for the default
@@ -346,14 +376,15 @@ def suite_columns(rows: list, data_dir) -> tuple[list, list, dict, set]:
     return tasks, methods, majority, uninformative(rows, tasks, methods, majority)
 
 
-def render_suite(suite: str, rows: list, data_dir) -> str:
+def render_suite(suite: str, rows: list, data_dir, gates: list = ()) -> str:
+    """One suite's tables; gates: the suite's records of `train.py gates`."""
     tasks, methods, majority, weak = suite_columns(rows, data_dir)
     labels = {t: t + ("†" if t in weak else "") for t in tasks}
     lines = [f"**Suite `{suite or 'default'}`** — GLUE dev score x 100 of the model at the end of training "
              f"(mean ± std over seeds, n = seeds), trainable parameters, wall time per run.\n"]
     for table in (score_table(rows, tasks, methods, majority, labels), paired_table(rows, tasks, methods, labels),
                   merged_cost_table(rows, tasks, methods, labels), rank_table(rows, tasks, methods, labels),
-                  allocation_table(rows, tasks, methods, labels)):
+                  gates_table(list(gates), tasks, labels), allocation_table(rows, tasks, methods, labels)):
         if table:
             lines += table + [""]
     machines, commits = sorted({r["machine"] for r in rows}), sorted({r["commit"] for r in rows})
@@ -361,7 +392,7 @@ def render_suite(suite: str, rows: list, data_dir) -> str:
     return "\n".join(lines)
 
 
-def render_report(results: list, bench: dict | None = None, data_dir=None) -> str:
+def render_report(results: list, bench: dict | None = None, data_dir=None, gates: list = ()) -> str:
     """Markdown tables of the results, one group per suite (see render_suite); data_dir is the GLUE folder for
     the majority-class row (default: default_data_dir()).
 
@@ -371,7 +402,8 @@ def render_report(results: list, bench: dict | None = None, data_dir=None) -> st
     budget has shrunk to the target, which would compare it to LoRA at a larger budget.
     """
     data_dir = default_data_dir() if data_dir is None else Path(data_dir)
-    parts = [render_suite(s, rows, data_dir) for s, rows in split_suites(results).items()]
+    parts = [render_suite(s, rows, data_dir, [g for g in gates if (g.get("suite") or "default") == s])
+             for s, rows in split_suites(results).items()]
     if bench:
         parts.append(render_bench(bench))
     return "\n".join(parts)
@@ -448,7 +480,8 @@ def write_report(readme: Path = README, results_dir: Path = runs.RESULTS_DIR, da
     """Replace the text between the README's result markers with freshly rendered tables."""
     bench_path = Path(results_dir) / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
-    report = render_report(runs.load_results(results_dir), bench, data_dir)
+    gates = runs.load_jsonl(Path(results_dir) / runs.GATES_FILE)
+    report = render_report(runs.load_results(results_dir), bench, data_dir, gates)
     planted_rows = runs.load_jsonl(Path(results_dir) / "planted.jsonl")
     if planted_rows:
         report += "\n" + planted.summary_table(planted_rows)

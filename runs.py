@@ -56,6 +56,7 @@ CHECKPOINT_FORMAT = "dynlora-checkpoint/2"   # /2: the adapter's gate keys of dy
 METRICS_FILE = "metrics.jsonl"       # one JSON record per logged step / evaluation
 FINAL_FILE = "final.json"            # a finished fine-tuning run's result record; marks the run finished
 RESULTS_FILE = "finetune.jsonl"      # in a results folder: one line per finished fine-tuning run
+GATES_FILE = "gates.jsonl"          # `train.py gates`: how much each gated run's gates depend on the input
 RESULTS_DIR = REPO / "results"       # the results of record, rendered into the README
 SCRATCH_RESULTS_DIR = REPO / "runs" / "results"   # where ad-hoc runs (no --suite) put their result lines
 

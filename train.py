@@ -1077,8 +1077,7 @@ def export_merged(run_dir: str, out_dir: str | None = None, data_dir: str | None
     return out
 
 
-GATES_FILE = "gates.jsonl"   # what `train.py gates` appends to, beside the runs' finetune.jsonl
-GATE_EXAMPLES = 400          # dev examples `train.py gates` reads per run (every k-th length-sorted batch)
+GATE_EXAMPLES = 400     # dev examples `train.py gates` reads per run (every k-th length-sorted batch)
 
 
 def _strided_batches(batcher: data.BucketBatcher, max_examples: int) -> list:
@@ -1125,8 +1124,8 @@ def gate_dependence(run_dir: str, data_dir: str | None = None, backbone: str | N
       effective rank per token (components above 0.5): its mean and its standard deviation across tokens;
       gate_mi_label_bits: the mutual information between a token's open-gate pattern and its sentence's
         label (classification tasks), averaged over layers;
-      value_histogram: 20 bins of the effective gate values on [0, 1], all layers pooled;
-      merge_cost: the run's last_score - merged_score (gates frozen to their means), from final.json.
+      value_histogram: 20 bins of the effective gate values on [0, 1], all layers pooled.
+    (What freezing the gates to their means costs is the run's merged_score, in its result line.)
     """
     model, tok, meta = runs.load_finetuned(run_dir, backbone)
     task = data.get_task(meta["task"])
@@ -1144,7 +1143,6 @@ def gate_dependence(run_dir: str, data_dir: str | None = None, backbone: str | N
     out["gate_mi_label_bits"] = (float(np.mean([planted.mutual_information_bits(planted.open_pattern(g), labels)
                                                 for g in gates.values()])) if not task.is_regression else None)
     final = json.loads((Path(run_dir) / "final.json").read_text()) if (Path(run_dir) / "final.json").is_file() else {}
-    out["merge_cost"] = final["last_score"] - final["merged_score"] if "merged_score" in final else None
     cfg = runs.read_run_config(run_dir)["finetune"]
     return {"run_id": f"{cfg.get('suite') or 'adhoc'}/{Path(run_dir).name}", "suite": cfg.get("suite", ""),
             "task": task.name, "method": meta.get("method", cfg["method"]), "seed": cfg["seed"],
@@ -1157,7 +1155,7 @@ def gates_command(run_dirs: list, data_dir: str | None, backbone: str | None, ma
     for run in run_dirs:
         record = gate_dependence(run, data_dir, backbone, max_examples)
         cfg = runs.read_run_config(run)["finetune"]
-        path = runs.results_folder(cfg.get("results_dir", ""), cfg.get("suite", "")) / GATES_FILE
+        path = runs.results_folder(cfg.get("results_dir", ""), cfg.get("suite", "")) / runs.GATES_FILE
         written = runs.append_jsonl(path, record)
         print(f"gates: {record['run_id']}: token share of the gate variance {record['token_share']:.3f}, "
               f"effective rank {record['mean_effective_rank']:.2f} +- {record['effective_rank_sd_tokens']:.2f} "

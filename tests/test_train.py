@@ -308,13 +308,13 @@ def test_gates_measures_how_much_the_gates_depend_on_the_input(backbone, tmp_pat
     run = tmp_path / "run"
     code, message = cli("gates", "--run", run, "--data-dir", FIXTURES)
     assert code == 0, message
-    (record,) = train.runs.load_jsonl(tmp_path / "res" / train.GATES_FILE)
+    (record,) = train.runs.load_jsonl(tmp_path / "res" / train.runs.GATES_FILE)
     assert record["task"] == "SST-2" and record["method"] == "dynlora" and record["layers"] > 0
     # every effective gate of every active component at every real token is counted once in the histogram
     active = sum(json.loads((run / "final.json").read_text())["final_ranks"].values())   # over the layers
     assert sum(record["value_histogram"]) == record["tokens"] * active
     assert 0 <= record["token_share"] <= 1 and 0 <= record["mean_effective_rank"] <= 4
-    assert record["gate_mi_label_bits"] >= 0 and record["merge_cost"] is not None
+    assert record["gate_mi_label_bits"] >= 0
 
     # A gate that ignores its input (W_g = 0: g = sigmoid(c), one value per component) has no variance across
     # tokens; a gate with large weights does.
