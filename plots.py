@@ -184,7 +184,9 @@ def planted_scenario(rows: list, scenario: str, path) -> Path:
     labels = [name.replace("blocks.", "").replace(".attn", "").replace(".mlp", "") for name in rows[0].get("layers", [])]
     ax2.set_xticks(x, labels or [str(v) for v in x], rotation=45, fontsize=7)
     ax2.set(title="final rank per adapted layer (mean over seeds)", ylabel="active rank components")
-    ax2.legend(fontsize=7)
+    top = max([max(planted)] + [max(r["final_ranks"]) for r in rows])
+    ax2.set_ylim(0, top + 2.2)                              # room above the data for the legend
+    ax2.legend(fontsize=7, ncol=3, loc="upper center")
     ax2.grid(alpha=0.3)
 
     gated = [m for m in methods if any(r.get("gate_var_tokens") is not None for r in rows if r["method"] == m)]
@@ -198,9 +200,10 @@ def planted_scenario(rows: list, scenario: str, path) -> Path:
         mi = [mean_of(m, lambda r: r.get("gate_mi_bits")) for m in gated]
         share = [mean_of(m, lambda r: r["gate_var_tokens"] / (r["gate_var_tokens"] + r["gate_var_layers"])
                          if r["gate_var_tokens"] + r["gate_var_layers"] > 0 else None) for m in gated]
-        if not all(np.isnan(mi)):
+        has_mi = not all(np.isnan(mi))
+        if has_mi:
             ax3.bar(np.arange(len(gated)) - width / 2, mi, width, label="MI(open pattern; planted kind), bit")
-        ax3.bar(np.arange(len(gated)) + width / 2, share, width,
+        ax3.bar(np.arange(len(gated)) + (width / 2 if has_mi else 0), share, width,
                 label="var across tokens / (var across tokens + var across layers)")
         ax3.set_xticks(range(len(gated)), gated)
         ax3.set_ylim(0, 1.05)
