@@ -3,8 +3,9 @@ plots.py -- the figures a run writes next to its metrics (matplotlib, PNG, no sc
 
   pretrain_curves     training and held-out loss of causal-LM pretraining
   finetune_curves     training loss per step and the dev score per epoch of a fine-tuning run
-  allocation_plots    for rank allocation: rank per layer over training (heat map), layer importance over
-                      training, and the budget schedule
+  rank_timeline       for rank allocation: the rank of each layer as cells on the optimizer-step axis
+  allocation_plots    for rank allocation: rank per layer over training (heat map, warm-up and final phase
+                      included when given the run's length), layer importance over training, and the budget
   effective_rank_hist for rank gating: how many rank components the gates switch on, per token
   planted_scenario    the known-answer benchmark (planted.py), one scenario: held-out relative error per
                       method and seed, final rank per layer against the planted rank, and how much the
@@ -61,21 +62,60 @@ def finetune_curves(history: list, task: str, path):
     _save(fig, path)
 
 
-def allocation_plots(history: list, out_dir):
-    """history: the RankAllocator's records (step, budget, ranks {layer: r}, importance {layer: float})."""
-    if not history:
-        return
-    out_dir = Path(out_dir)
+def rank_timeline(history: list, total_steps: int | None = None, initial_ranks: dict | None = None):
+    """The rank of every layer over training as cells on the optimizer-step axis: (edges, ranks, layers).
+
+    history: the RankAllocator's records (a record at step s holds the ranks the masks have after the
+    reallocation at the end of step s). Step t (t = 1..T) is drawn as the interval [t - 1, t], so the masks set
+    at step s_i act on steps s_i + 1 .. s_{i+1}: the cell [s_i, s_{i+1}]. With initial_ranks (layer -> r, the
+    ranks before any reallocation) a first cell [0, s_1] holds the warm-up and the steps up to the first
+    reallocation; with total_steps T the last record's cell runs to T (the final phase, masks frozen; with no
+    final phase, a reallocation at step T acts on no step and has no cell). Without them the axis starts at
+    s_1 and the last record gets a cell of one step.
+    Returns edges (n + 1,) in optimizer steps, ranks (n, L) ints and the L layer names.
+    """
     layers = list(history[0]["ranks"])
     steps = [h["step"] for h in history]
-    ranks = np.array([[h["ranks"][name] for name in layers] for h in history])          # (n_records, n_layers)
+    ranks = [[h["ranks"][name] for name in layers] for h in history]
+    if initial_ranks is not None:
+        steps, ranks = [0] + steps, [[initial_ranks[name] for name in layers]] + ranks
+    end = total_steps if total_steps is not None else steps[-1] + 1
+    if end < steps[-1]:
+        raise ValueError(f"rank_timeline: total_steps ({end}) comes before the last reallocation ({steps[-1]})")
+    if end == steps[-1] and len(steps) > 1:           # t_final = 0: the last masks act on no training step
+        steps, ranks = steps[:-1], ranks[:-1]
+    return np.array(steps + [end], dtype=float), np.array(ranks, dtype=int), layers
+
+
+def allocation_plots(history: list, out_dir, total_steps: int | None = None,
+                     initial_ranks: dict | None = None) -> list:
+    """history: the RankAllocator's records (step, budget, ranks {layer: r}, importance {layer: float}).
+
+    Writes rank_heatmap.png (rank per layer over the optimizer steps, one cell per stretch of steps between
+    reallocations: rank_timeline), layer_importance.png and budget.png into out_dir, and returns their paths.
+    Pass total_steps and initial_ranks ({layer: r}, e.g. from the allocator) to draw the whole run, warm-up
+    and final phase included; without them the plots span the reallocations only."""
+    if not history:
+        return []
+    out_dir = Path(out_dir)
+    edges, ranks, layers = rank_timeline(history, total_steps, initial_ranks)
+    steps = [h["step"] for h in history]
 
     fig, ax = plt.subplots(figsize=(8, 0.25 * len(layers) + 2))
-    im = ax.imshow(ranks.T, aspect="auto", interpolation="nearest", cmap="viridis",
-                   extent=(steps[0], steps[-1], len(layers) - 0.5, -0.5))
+    top = int(ranks.max())
+    cmap = plt.get_cmap("viridis", top + 1)                    # one colour per integer rank 0..max
+    mesh = ax.pcolormesh(edges, np.arange(len(layers) + 1) - 0.5, ranks.T, cmap=cmap, vmin=-0.5, vmax=top + 0.5)
+    ax.set_ylim(len(layers) - 0.5, -0.5)                       # first layer on top
     ax.set_yticks(range(len(layers)), layers, fontsize=7)
-    ax.set(title="Active rank per adapted layer", xlabel="optimizer step", ylabel="layer")
-    fig.colorbar(im, ax=ax, label="active rank components")
+    ax.set_xlim(edges[0], edges[-1])
+    if initial_ranks is not None or total_steps is not None:   # where the pruning phase starts and ends
+        for x, label in ((steps[0], "first reallocation"), (steps[-1], "last reallocation")):
+            ax.axvline(x, color="w", ls="--", lw=1)
+            ax.text(x, len(layers) - 0.6, f" {label} (step {x}) ", rotation=90, ha="right", va="bottom",
+                    fontsize=7, bbox=dict(fc="white", ec="none", alpha=0.8, pad=1))
+    ax.set(title="Active rank per adapted layer (a cell: the steps between two reallocations)",
+           xlabel="optimizer step", ylabel="layer")
+    fig.colorbar(mesh, ax=ax, label="active rank components", ticks=range(top + 1))
     _save(fig, out_dir / "rank_heatmap.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -93,10 +133,13 @@ def allocation_plots(history: list, out_dir):
     _save(fig, out_dir / "layer_importance.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [h["budget"] for h in history], "-")
+    budget = ranks.sum(1)                                      # the budget b(t) each cell ran with
+    ax.stairs(budget, edges, baseline=None)
     ax.set(title="Rank budget b(t)", xlabel="optimizer step", ylabel="active rank components (all layers)")
+    ax.set_xlim(edges[0], edges[-1])
     ax.grid(alpha=0.3)
     _save(fig, out_dir / "budget.png")
+    return [out_dir / "rank_heatmap.png", out_dir / "layer_importance.png", out_dir / "budget.png"]
 
 
 def effective_rank_hist(per_token_rank: dict, r: int, path):
@@ -145,7 +188,9 @@ def planted_scenario(rows: list, scenario: str, path) -> Path:
     labels = [name.replace("blocks.", "").replace(".attn", "").replace(".mlp", "") for name in rows[0].get("layers", [])]
     ax2.set_xticks(x, labels or [str(v) for v in x], rotation=45, fontsize=7)
     ax2.set(title="final rank per adapted layer (mean over seeds)", ylabel="active rank components")
-    ax2.legend(fontsize=7)
+    top = max([max(planted)] + [max(r["final_ranks"]) for r in rows])
+    ax2.set_ylim(0, top + 2.2)                              # room above the data for the legend
+    ax2.legend(fontsize=7, ncol=3, loc="upper center")
     ax2.grid(alpha=0.3)
 
     gated = [m for m in methods if any(r.get("gate_var_tokens") is not None for r in rows if r["method"] == m)]
@@ -159,9 +204,10 @@ def planted_scenario(rows: list, scenario: str, path) -> Path:
         mi = [mean_of(m, lambda r: r.get("gate_mi_bits")) for m in gated]
         share = [mean_of(m, lambda r: r["gate_var_tokens"] / (r["gate_var_tokens"] + r["gate_var_layers"])
                          if r["gate_var_tokens"] + r["gate_var_layers"] > 0 else None) for m in gated]
-        if not all(np.isnan(mi)):
+        has_mi = not all(np.isnan(mi))
+        if has_mi:
             ax3.bar(np.arange(len(gated)) - width / 2, mi, width, label="MI(open pattern; planted kind), bit")
-        ax3.bar(np.arange(len(gated)) + width / 2, share, width,
+        ax3.bar(np.arange(len(gated)) + (width / 2 if has_mi else 0), share, width,
                 label="var across tokens / (var across tokens + var across layers)")
         ax3.set_xticks(range(len(gated)), gated)
         ax3.set_ylim(0, 1.05)

@@ -923,7 +923,8 @@ def finish_finetune(run: FinetuneRun, wall: float) -> dict:
         runs.atomic_write_text(run.out / runs.FINAL_FILE, json.dumps(result, indent=2))
         plots.finetune_curves(history, run.task.name, run.out / "curves.png")
         if run.allocator is not None:
-            plots.allocation_plots(run.allocator.history, run.out)
+            plots.allocation_plots(run.allocator.history, run.out, total_steps=run.allocator.total_steps,
+                                   initial_ranks={name: m.r for name, m in run.allocator.layers})
         print(f"finetune {run.task.name} ({method}): best dev score {100 * best['score']:.2f} at epoch "
               f"{best['epoch']}, {wall / 60:.1f} min; run folder {run.out}")
     rt.barrier()

@@ -59,3 +59,29 @@ def test_glue_merged_costs_needs_a_merged_run():
     fig = plots.glue_merged_costs({"RTE": {"gate": [-1.0, 0.5]}, "MRPC": {"gate": [0.0]}}, "t")
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["RTE", "MRPC"]
     plt.close(fig)
+
+
+def _history(steps, ranks_at):
+    layers = ["a", "b"]
+    return [{"step": t, "budget": sum(ranks_at(t)), "ranks": dict(zip(layers, ranks_at(t))),
+             "importance": {"a": 1.0, "b": 2.0}} for t in steps]
+
+
+def test_the_rank_timeline_covers_the_whole_run_with_cells_on_their_steps(tmp_path):
+    # Reallocations at steps 6, 9, 12 (t_init = 3, delta_t = 3) of a 16-step run; r = 4 in both layers before.
+    history = _history([6, 9, 12], lambda t: (4 - t // 6, t // 6))
+    edges, ranks, layers = plots.rank_timeline(history, total_steps=16, initial_ranks={"a": 4, "b": 4})
+    assert layers == ["a", "b"]
+    assert edges.tolist() == [0, 6, 9, 12, 16]                 # warm-up cell from 0, final cell to T
+    assert ranks.tolist() == [[4, 4], [3, 1], [3, 1], [2, 2]]  # the masks set at step s act on steps s+1..
+    # Without the run's length: the reallocations only, the last one a cell of one step.
+    edges, ranks, _ = plots.rank_timeline(history)
+    assert edges.tolist() == [6, 9, 12, 13] and len(ranks) == 3
+    # No final phase: the masks set at the last step act on no step, so they get no cell.
+    assert plots.rank_timeline(history, total_steps=12)[0].tolist() == [6, 9, 12]
+    with pytest.raises(ValueError, match="before the last reallocation"):
+        plots.rank_timeline(history, total_steps=11)
+    paths = plots.allocation_plots(history, tmp_path, total_steps=16, initial_ranks={"a": 4, "b": 4})
+    assert [p.name for p in paths] == ["rank_heatmap.png", "layer_importance.png", "budget.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert plots.allocation_plots([], tmp_path) == []
