@@ -339,7 +339,8 @@ def gates_table(gates: list, tasks, labels) -> list:
     lines = ["Gated methods: how much the gates depend on the input (`python train.py gates`; "
              f"{_count_range(examples)} dev examples per run). Per cell: token share of the gate variance, "
              "var across tokens / (var across tokens + var of the layer means across layers) -- near 0 for a "
-             "static per-layer switch; effective rank per token, mean ± sd across tokens; mutual information "
+             "static per-layer switch -- with the gates' standard deviation across tokens (sd, gate units); effective rank per token, mean ± sd across tokens, over the layers that keep "
+             "components (so above the target for dynlora, whose emptied layers are left out); mutual information "
              "between the open-gate pattern and the label (bit). Mean over seeds (n).\n",
              "| method | " + " | ".join(labels[t] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for m in methods:
@@ -352,7 +353,8 @@ def gates_table(gates: list, tasks, labels) -> list:
             share = np.mean([g["token_share"] for g in mine if g["token_share"] is not None])
             rank, sd = np.mean([g["mean_effective_rank"] for g in mine]), np.mean([g["effective_rank_sd_tokens"] for g in mine])
             mi = [g["gate_mi_label_bits"] for g in mine if g.get("gate_mi_label_bits") is not None]
-            cells.append(f"{share:.2f}; {rank:.1f} ± {sd:.1f}" + (f"; {np.mean(mi):.3f} bit" if mi else "")
+            token_sd = np.mean([math.sqrt(g["gate_var_tokens"]) for g in mine])
+            cells.append(f"{share:.2f} (sd {token_sd:.3f}); {rank:.1f} ± {sd:.1f}" + (f"; {np.mean(mi):.3f} bit" if mi else "")
                          + f" (n={len(mine)})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines

@@ -1122,7 +1122,9 @@ def gate_dependence(run_dir: str, data_dir: str | None = None, backbone: str | N
       gate_var_tokens / gate_var_layers: the variance of an effective gate across tokens (per component,
         averaged) against the variance of the per-layer mean gate across layers; token_share = var_tokens /
         (var_tokens + var_layers) is near 0 for a static per-layer switch and near 1 when tokens choose;
-      effective rank per token (components above 0.5): its mean and its standard deviation across tokens;
+      effective rank per token (components above 0.5): its mean and its standard deviation across tokens,
+        averaged over the layers that keep at least one component (an allocating run's emptied layers have
+        no gate values; the result line's mean_effective_rank counts them as 0);
       gate_mi_label_bits: the mutual information between a token's open-gate pattern and its sentence's
         label (classification tasks), averaged over layers;
       value_histogram: 20 bins of the effective gate values on [0, 1], all layers pooled.

@@ -218,10 +218,10 @@ def test_the_gates_table_shows_each_suites_input_dependence_mean_over_seeds():
     rows = [run("SST-2", "lora", 0, 0.8), run("SST-2", "gate", 0, 0.8)]
     gate = dict(task="SST-2", method="gate", suite="x", dev_examples=400, effective_rank_sd_tokens=1.0,
                 gate_mi_label_bits=0.01)
-    gates = [{**gate, "seed": 0, "token_share": 0.2, "mean_effective_rank": 5.0},
-             {**gate, "seed": 1, "token_share": 0.4, "mean_effective_rank": 6.0},
-             {**gate, "suite": "other", "seed": 0, "token_share": 0.9, "mean_effective_rank": 1.0}]
+    gates = [{**gate, "seed": 0, "token_share": 0.2, "mean_effective_rank": 5.0, "gate_var_tokens": 0.01},
+             {**gate, "seed": 1, "token_share": 0.4, "mean_effective_rank": 6.0, "gate_var_tokens": 0.04},
+             {**gate, "suite": "other", "seed": 0, "token_share": 0.9, "mean_effective_rank": 1.0, "gate_var_tokens": 1}]
     text = report.render_report(rows, data_dir=FIXTURES, gates=gates)
-    assert "| gate | 0.30; 5.5 ± 1.0; 0.010 bit (n=2) |" in text      # the other suite's record is not mixed in
+    assert "| gate | 0.30 (sd 0.150); 5.5 ± 1.0; 0.010 bit (n=2) |" in text      # the other suite's record is not mixed in
     assert "400 dev examples per run" in text
     assert "depend on the input" not in report.render_report(rows, data_dir=FIXTURES)   # no records, no table
