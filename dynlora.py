@@ -764,7 +764,8 @@ class RankGate(nn.Module):
     and scales z by it; the rest of the gate is kept here:
 
       - the penalty's record: each forward pass leaves `last_mean`, the mean of m * g (see record());
-      - the statistics hook: `recorder`, a callable (g, mask) that gate_statistics() sets while it runs;
+      - the statistics hook: `recorder`, a callable (g, mask) that gate_statistics() and gate_values() set
+        while they run;
       - the static form: freeze(mean_gate) stores g_bar in the buffer `frozen_mean` and sets the 0-d bool
         buffer `frozen`. LoRALinear then skips the gate and multiplies A by frozen_mean. The buffers are
         what gets saved; the Python flag `is_frozen` is what LoRALinear reads on every forward pass (no
@@ -796,7 +797,7 @@ class RankGate(nn.Module):
         self.register_load_state_dict_post_hook(RankGate._after_load)
         self.is_frozen = False
         self.last_mean = None      # written by record(), read and cleared by regularization_loss()
-        self.recorder = None       # set by gate_statistics() while its block runs
+        self.recorder = None       # set by gate_statistics() / gate_values() while their block runs
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
         """g (..., r) for the rank components z (..., r) of the layer input x (..., d_in); mask (r,) is the
@@ -862,6 +863,17 @@ def gate_flops_per_token(r: int, d_in: int = 0, x_dims: int = 0) -> int:
     return RankGate.flops_per_token(r, d_in, x_dims)
 
 
+def _kept_positions(g: torch.Tensor, position_mask: torch.Tensor | None) -> torch.Tensor:
+    """g (..., r) as rows (N, r), keeping the positions where position_mask (the leading shape of g) is True."""
+    g2d = g.reshape(-1, g.shape[-1])                                     # (..., r) -> (N, r)
+    if position_mask is None:
+        return g2d
+    if tuple(position_mask.shape) != tuple(g.shape[:-1]):
+        raise ValueError(f"gate recording: position mask of shape {tuple(position_mask.shape)} does not match the "
+                         f"layer's positions {tuple(g.shape[:-1])}")
+    return g2d[position_mask.reshape(-1)]                                # (N, r) -> (N_kept, r)
+
+
 class GateStats:
     """Gate statistics of each gated layer, accumulated over forward passes (see gate_statistics()).
 
@@ -878,12 +890,7 @@ class GateStats:
     @torch.no_grad()
     def add(self, name: str, g: torch.Tensor, mask: torch.Tensor | None):
         r = g.shape[-1]
-        g2d = g.reshape(-1, r)                                           # (..., r) -> (N, r)
-        if self.position_mask is not None:
-            if tuple(self.position_mask.shape) != tuple(g.shape[:-1]):
-                raise ValueError(f"gate_statistics: position mask of shape {tuple(self.position_mask.shape)} does "
-                                 f"not match the layer's positions {tuple(g.shape[:-1])}")
-            g2d = g2d[self.position_mask.reshape(-1)]                    # (N, r) -> (N_kept, r)
+        g2d = _kept_positions(g, self.position_mask)                     # (..., r) -> (N_kept, r)
         open_ = (g2d if mask is None else g2d * mask) > self.threshold   # (N_kept, r) bool
         entry = self.layers.setdefault(name, {"positions": 0, "gate_sum": torch.zeros(r, dtype=torch.float64),
                                               "histogram": torch.zeros(r + 1, dtype=torch.long)})
@@ -919,6 +926,31 @@ class GateStats:
                     "mean_gate": [round(v, 6) for v in mean[n].tolist()]} for n, e in self.layers.items()}
 
 
+class GateValues:
+    """The effective gate values themselves (see gate_values()), for figures that need every token: how much a
+    gate varies across tokens against across layers, which components a token opens, what that pattern says
+    about the token's label or kind (`train.py gates`, the known-answer benchmark's gate columns).
+
+    Per layer, one (N_b, k) tensor per forward pass: the gates m_i g_i(x) of the layer's k active components
+    (those its allocation mask keeps; all r without allocation) at the N_b positions kept.
+    """
+
+    def __init__(self):
+        self.position_mask = None     # (B, T) bool, True at positions to keep; None keeps every position
+        self.parts = {}               # name -> [(N_b, k) per forward pass]
+
+    @torch.no_grad()
+    def add(self, name: str, g: torch.Tensor, mask: torch.Tensor | None):
+        g2d = _kept_positions(g, self.position_mask)                     # (..., r) -> (N_b, r)
+        if mask is not None:
+            g2d = g2d[:, mask.bool()]                                    # (N_b, r) -> (N_b, k): m_i = 1 only
+        self.parts.setdefault(name, []).append(g2d.cpu())
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """name -> (N, k): every position seen, in the order the forward passes ran."""
+        return {n: torch.cat(p) for n, p in self.parts.items()}
+
+
 def live_gates(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """The adapted layers whose gate is live (input-driven, not frozen), with their names, in module order.
 
@@ -926,6 +958,32 @@ def live_gates(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     freezes; each one's rank is layer.r and its gate layer.gate.
     """
     return [(n, m) for n, m in adapter_layers(model) if m.gate is not None and not m.gate.is_frozen]
+
+
+@contextmanager
+def _recording(model: nn.Module, collector, pad_id: int | None, who: str):
+    """Hand every live gate's values to collector.add(name, g, mask) for the forward passes run inside the
+    block; with pad_id, set collector.position_mask from the model's first forward argument (the token ids)
+    by a hook that exists only inside the block."""
+    layers = live_gates(model)
+    if not layers:
+        raise ValueError(f"{who}: the model has no input-driven gates (method without gating, or gates already "
+                         f"frozen)")
+    hook = None
+    if pad_id is not None:
+        def set_positions(module, args, kwargs):
+            idx = args[0] if args else kwargs["idx"]
+            collector.position_mask = idx != pad_id                   # (B, T) bool
+        hook = model.register_forward_pre_hook(set_positions, with_kwargs=True)
+    for name, layer in layers:
+        layer.gate.recorder = partial(collector.add, name)          # called as recorder(g, mask)
+    try:
+        yield collector
+    finally:
+        for _, layer in layers:
+            layer.gate.recorder = None
+        if hook is not None:
+            hook.remove()
 
 
 @contextmanager
@@ -940,26 +998,22 @@ def gate_statistics(model: nn.Module, threshold: float = 0.5, pad_id: int | None
     model's first forward argument by a hook that exists only inside the block). The block changes nothing
     else: run it under torch.no_grad() and model.eval() as you would any evaluation.
     """
-    layers = live_gates(model)
-    if not layers:
-        raise ValueError("gate_statistics: the model has no input-driven gates (method without gating, or gates "
-                         "already frozen)")
-    stats = GateStats(threshold)
-    hook = None
-    if pad_id is not None:
-        def set_positions(module, args, kwargs):
-            idx = args[0] if args else kwargs["idx"]
-            stats.position_mask = idx != pad_id                       # (B, T) bool
-        hook = model.register_forward_pre_hook(set_positions, with_kwargs=True)
-    for name, layer in layers:
-        layer.gate.recorder = partial(stats.add, name)              # called as recorder(g, mask)
-    try:
+    with _recording(model, GateStats(threshold), pad_id, "gate_statistics") as stats:
         yield stats
-    finally:
-        for _, layer in layers:
-            layer.gate.recorder = None
-        if hook is not None:
-            hook.remove()
+
+
+@contextmanager
+def gate_values(model: nn.Module, pad_id: int | None = None):
+    """Collect GateValues over the forward passes run inside the `with` block:
+
+        with gate_values(model, pad_id=config.pad_id) as values:
+            for idx, y in dev_batches: model(idx)
+        values.values()               # {layer: (N, k) effective gates at the real positions}
+
+    pad_id leaves padding positions out, as in gate_statistics(); run it under torch.no_grad() and model.eval().
+    """
+    with _recording(model, GateValues(), pad_id, "gate_values") as values:
+        yield values
 
 
 def freeze_gates(model: nn.Module, batches, pad_id: int | None = None) -> GateStats:

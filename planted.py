@@ -513,7 +513,9 @@ def open_pattern(g: torch.Tensor, threshold: float = 0.5) -> np.ndarray:
 
 
 def gate_variances(gates: dict[str, torch.Tensor]) -> dict:
-    """gates: layer -> (N, k) effective gates of its active components, the same N tokens in every layer."""
+    """gates: layer -> (N, k) effective gates of its active components, the same N tokens in every layer.
+    A layer whose components were all switched off by allocation (k = 0) has no gate to vary: left out."""
+    gates = {n: g for n, g in gates.items() if g.shape[1] > 0}
     per_layer_mean = torch.stack([g.mean() for g in gates.values()])             # (L,)
     comp_means = torch.cat([g.mean(0) for g in gates.values()])                  # (sum k,)
     token_var = torch.cat([g.var(0, unbiased=False) for g in gates.values()])    # (sum k,)
@@ -549,25 +551,13 @@ def score_student(student: nn.Module, heldout: torch.Tensor, h_teacher: torch.Te
                   kinds: dict[str, torch.Tensor] | None) -> dict:
     """The held-out metrics of one student: relative error, and for a gated student the gates' statistics
     (kinds: layer -> (N,) planted kind per held-out token, in scenario input)."""
-    gated = dynlora.live_gates(student)
-    records = {name: [] for name, _ in gated}
-    for name, layer in gated:
-        layer.gate.recorder = (lambda g, mask, name=name: records[name].append(
-            (g if mask is None else g * mask).reshape(-1, g.shape[-1])))
-    try:
+    if not dynlora.live_gates(student):
+        return {"rel_error": relative_error(hidden(student, heldout), h_teacher, h_base)}
+    with dynlora.gate_values(student) as values:
         h = hidden(student, heldout)
-    finally:
-        for _, layer in gated:
-            layer.gate.recorder = None
     out = {"rel_error": relative_error(h, h_teacher, h_base)}
-    if not gated:
-        return out
-    gates = {}
-    for name, layer in gated:
-        g = torch.cat(records[name])                                            # (N, r)
-        active = layer.mask.bool() if layer.masked else torch.ones(layer.r, dtype=torch.bool)
-        gates[name] = g[:, active]
-    out.update(gate_variances({n: g for n, g in gates.items() if g.shape[1] > 0}))
+    gates = values.values()                                    # layer -> (N, k) gates of its active components
+    out.update(gate_variances(gates))
     out["mean_effective_rank"] = float(np.mean([(g > 0.5).sum(1).float().mean() for g in gates.values()]))
     if kinds is not None:
         mi, gap = [], []

@@ -1094,24 +1094,15 @@ def _strided_batches(batcher: data.BucketBatcher, max_examples: int) -> list:
 def record_gates(model: GPTClassifier, batches: list, pad_id: int) -> tuple[dict, np.ndarray]:
     """Run the batches and keep every gate value at every real (non-pad) position: (layer -> (N, k) effective
     gates m * g of its k active components, (N,) the label of each position's sentence)."""
-    layers = dynlora.live_gates(model)
-    if not layers:
+    if not dynlora.live_gates(model):
         raise ValueError("gates: this run has no input-driven gates (its method is not gate or dynlora)")
-    kept, seen, labels = {n: [] for n, _ in layers}, {}, []
-    for name, layer in layers:
-        layer.gate.recorder = (lambda g, mask, name=name: seen.__setitem__(name, g if mask is None else g * mask))
-    try:
+    labels = []
+    with dynlora.gate_values(model, pad_id=pad_id) as values:
         for idx, y in batches:
             model(idx)
             real = (idx != pad_id).reshape(-1)                                    # (B T,)
-            for name, layer in layers:
-                active = layer.mask.bool() if layer.masked else torch.ones(layer.r, dtype=torch.bool)
-                kept[name].append(seen[name].reshape(-1, layer.r)[real][:, active])  # (B T, r) -> (N_b, k)
             labels.append(y.repeat_interleave(idx.shape[1])[real].numpy())         # (B,) -> (N_b,)
-    finally:
-        for _, layer in layers:
-            layer.gate.recorder = None
-    return {n: torch.cat(v) for n, v in kept.items()}, np.concatenate(labels)
+    return values.values(), np.concatenate(labels)
 
 
 def gate_dependence(run_dir: str, data_dir: str | None = None, backbone: str | None = None,

@@ -462,6 +462,33 @@ def test_gate_statistics_counts_real_tokens_only():
     assert all(l.gate.recorder is None for _, l in layers)       # the context leaves nothing behind
 
 
+def test_gate_values_keeps_the_active_gates_of_the_real_tokens():
+    model, _ = adapted("dynlora")
+    layers = adapter_layers(model)
+    for _, layer in layers:                    # gates that differ per token and per component
+        nn.init.normal_(layer.gate.weight, std=2.0, generator=torch.Generator().manual_seed(3))
+    layers[0][1].mask[1] = 0.0                 # component 1 of the first layer switched off by allocation
+    idx, _ = batch(B=2, T=6)
+    idx[1, 3:] = 0                             # three pad positions (pad_id = 0)
+    real = (idx != 0).reshape(-1)
+    name, layer = layers[0]
+    seen = []
+    layer.gate.register_forward_hook(lambda module, args, g: seen.append(g.detach()))
+    with dynlora.gate_values(model, pad_id=0) as values, torch.no_grad():
+        model.eval()
+        model(idx)
+    got = values.values()
+    expected = seen[0].reshape(-1, layer.r)[real][:, [0, 2, 3]]  # (B T, r) -> (9, 3): real rows, active columns
+    assert got[name].shape == (9, 3)
+    assert torch.equal(got[name], expected)
+    assert got[name].std(0).min() > 0.01       # the test's gates do vary across tokens
+    assert got[layers[1][0]].shape == (9, 4)
+    assert all(l.gate.recorder is None for _, l in layers)       # the context leaves nothing behind
+    with pytest.raises(ValueError, match="no input-driven gates"):
+        with dynlora.gate_values(adapted("lora")[0]):
+            pass
+
+
 def test_freeze_gates_then_merge_matches_frozen_forward():
     model, config = adapted("gate")
     train_steps(model, 5, lr=5e-2)             # gates now depend on the input
