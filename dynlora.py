@@ -18,7 +18,9 @@ In order, the file holds:
              each of the r rank components, reading z = A x and one learned projection of x (nearest
              relatives: SoRA's gate, SMoRA's per-token rank routing; the design was chosen on planted.py's
              known-answer benchmark).
-             The gate is one module, RankGate; a new gate is a new module passed to apply_lora.
+             The gate is one module, RankGate; a new gate is a new module passed to apply_lora. What the
+             gates do is measured through two recorders: gate_statistics (effective rank per token, mean
+             gates) and gate_values (every gate value per token, for the variance across tokens).
   Chapter 3. Importance-based rank allocation -- the "adaptive weight allocation": a global budget of rank
              components that moves between layers according to a smoothed sensitivity score (AdaLoRA's),
              computed by one function, importance_score.
