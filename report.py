@@ -211,7 +211,8 @@ def score_table(rows, tasks, methods, majority, labels) -> list:
     lines.append(_majority_row(tasks, majority))
     notes = [f"Wall: minutes per run, the mean over the tasks every method here has run ({over}) of each "
              "task's mean, so that every method is timed on the same work.",
-             "Majority class: the dev score of always predicting the most frequent train class (for STS-B a "
+             "Majority class: the dev score of always predicting the most frequent class of the task's whole "
+             "training split, also where a suite trains on part of it (for STS-B a "
              "constant, whose correlation is 0: chance; CoLA's MCC of a constant is 0); — where the GLUE "
              "files were not found."]
     if any("†" in labels[t] for t in tasks):
