@@ -414,7 +414,7 @@ def glue_paired(intervals: dict, resolvable: dict, weak: set, title: str, path=N
             color = METHOD_COLORS.get(m, "grey")
             if half is None:
                 ax.plot(i, mean, "o", mfc="white", mec=color, ms=7, mew=1.5)
-                labels.append(f"{m}\nn=1")
+                labels.append(f"{m}\nn={n}")                                 # one pair, or equal ones
                 continue
             excludes = mean - half > 0 or mean + half < 0
             ax.errorbar(i, mean, yerr=half, fmt="*" if excludes else "o", ms=12 if excludes else 6, color=color,

@@ -70,10 +70,13 @@ def t_quantile_95(df: int) -> float:
 
 
 def paired_ci(diffs) -> tuple[float, float | None, int]:
-    """(mean, half-width of the 95% t interval, n) of paired differences; half-width None when n < 2."""
+    """(mean, half-width of the 95% t interval, n) of paired differences; half-width None when n < 2, and
+    when the n differences are all equal: a spread of 0 is no estimate of the variance (with a metric counted
+    in whole dev examples, two seeds can differ by the same example count by chance), and the t interval it
+    would give, of width 0, would exclude 0 whatever n."""
     diffs = np.asarray(diffs, dtype=np.float64)
     n = len(diffs)
-    if n < 2:
+    if n < 2 or np.ptp(diffs) == 0:
         return (float(diffs.mean()) if n else math.nan), None, n
     half = t_quantile_95(n - 1) * diffs.std(ddof=1) / math.sqrt(n)
     return float(diffs.mean()), float(half), n
@@ -92,11 +95,14 @@ def paired_diffs(rows, task, method, key="last_score") -> list[float]:
 
 def resolvable_difference(diff_lists) -> tuple[float | None, int]:
     """(t(n - 1) sd / sqrt(n), n): the half-width of a paired interval, with sd pooled over the given lists of
-    differences (those with n >= 2) and n the fewest pairs among them; (None, 0) when no list has 2 pairs."""
+    differences (those with n >= 2) and n the fewest pairs among them; (None, 0) when no list has 2 pairs or
+    the pooled spread is 0 (see paired_ci)."""
     lists = [d for d in diff_lists if len(d) >= 2]
     if not lists:
         return None, 0
     pooled_var = sum((len(d) - 1) * np.var(d, ddof=1) for d in lists) / sum(len(d) - 1 for d in lists)
+    if pooled_var == 0:                        # every list's differences are equal: no spread to go by
+        return None, 0
     n = min(len(d) for d in lists)
     return t_quantile_95(n - 1) * math.sqrt(pooled_var) / math.sqrt(n), n
 
@@ -225,7 +231,8 @@ def _diff_cell(interval) -> str:
     if n == 0:
         return "—"
     if half is None:
-        return f"{_signed(mean)} (n=1, no interval)"
+        why = "no interval" if n == 1 else "equal differences, no interval"
+        return f"{_signed(mean)} (n={n}, {why})"
     interval = f"{_signed(mean)} [{_signed(mean - half)}, {_signed(mean + half)}]"
     if mean - half > 0 or mean + half < 0:
         interval = f"**{interval}**"

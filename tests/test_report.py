@@ -56,6 +56,12 @@ def test_paired_ci_by_hand():
     assert half == pytest.approx(2.484, abs=1e-3)
     assert report.paired_ci([5.0]) == (5.0, None, 1)            # one pair: a difference, no interval
     assert report.paired_ci([])[1:] == (None, 0)
+    # equal differences (two seeds that differ from LoRA by the same dev examples): no spread, so no interval,
+    # and never a zero-width interval that "excludes 0"
+    assert report.paired_ci([-0.36, -0.36]) == (pytest.approx(-0.36), None, 2)
+    assert report.resolvable_difference([[-0.36, -0.36], [1.0, 1.0, 1.0]]) == (None, 0)
+    rows = [run("RTE", "lora", s, 0.5) for s in range(2)] + [run("RTE", "alloc", s, 0.49) for s in range(2)]
+    assert "| alloc | -1.0 (n=2, equal differences, no interval) |" in render(rows)
 
 
 def test_pairs_by_seed_and_skips_an_unpaired_seed():
