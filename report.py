@@ -69,6 +69,9 @@ def t_quantile_95(df: int) -> float:
     return T95[df - 1] if df <= len(T95) else Z95
 
 
+EQUAL_POINTS = 1e-9      # paired differences (in points) closer than this are equal: the same dev examples apart
+
+
 def paired_ci(diffs) -> tuple[float, float | None, int]:
     """(mean, half-width of the 95% t interval, n) of paired differences; half-width None when n < 2, and
     when the n differences are all equal: a spread of 0 is no estimate of the variance (with a metric counted
@@ -76,7 +79,7 @@ def paired_ci(diffs) -> tuple[float, float | None, int]:
     would give, of width 0, would exclude 0 whatever n."""
     diffs = np.asarray(diffs, dtype=np.float64)
     n = len(diffs)
-    if n < 2 or np.ptp(diffs) == 0:
+    if n < 2 or np.ptp(diffs) < EQUAL_POINTS:
         return (float(diffs.mean()) if n else math.nan), None, n
     half = t_quantile_95(n - 1) * diffs.std(ddof=1) / math.sqrt(n)
     return float(diffs.mean()), float(half), n
@@ -101,7 +104,7 @@ def resolvable_difference(diff_lists) -> tuple[float | None, int]:
     if not lists:
         return None, 0
     pooled_var = sum((len(d) - 1) * np.var(d, ddof=1) for d in lists) / sum(len(d) - 1 for d in lists)
-    if pooled_var == 0:                        # every list's differences are equal: no spread to go by
+    if math.sqrt(pooled_var) < EQUAL_POINTS:   # every list's differences are equal: no spread to go by
         return None, 0
     n = min(len(d) for d in lists)
     return t_quantile_95(n - 1) * math.sqrt(pooled_var) / math.sqrt(n), n

@@ -59,6 +59,8 @@ def test_paired_ci_by_hand():
     # equal differences (two seeds that differ from LoRA by the same dev examples): no spread, so no interval,
     # and never a zero-width interval that "excludes 0"
     assert report.paired_ci([-0.36, -0.36]) == (pytest.approx(-0.36), None, 2)
+    same = [100 * (130 / 277 - 131 / 277), 100 * (138 / 277 - 139 / 277)]   # one RTE example apart, twice
+    assert report.paired_ci(same)[1] is None                      # equal up to float rounding
     assert report.resolvable_difference([[-0.36, -0.36], [1.0, 1.0, 1.0]]) == (None, 0)
     rows = [run("RTE", "lora", s, 0.5) for s in range(2)] + [run("RTE", "alloc", s, 0.49) for s in range(2)]
     assert "| alloc | -1.0 (n=2, equal differences, no interval) |" in render(rows)
