@@ -6,7 +6,7 @@ Each notebook's first cell finds the repository (so that its .py files can be im
     import tutorial
     DATA, SCALE = tutorial.glue_data(SCALE)          # real GLUE if found, else the tiny test fixtures
     WORK = tutorial.scratch("nb2")                  # this notebook's files, outside the repository
-    BACKBONE = tutorial.backbone(SCALE, DATA, WORK)  # runs/backbone if `python train.py` made it, else a small one
+    BACKBONE = tutorial.backbone(SCALE, DATA, WORK)  # runs/backbone if `python train.py pretrain` made it, else a small one
     SMOLLM2 = tutorial.smollm2(WORK)                 # the pretrained SmolLM2-135M (notebook 6), or None
 
 What this file holds, in order:
@@ -61,7 +61,7 @@ def scratch(name: str) -> Path:
 
 def backbone(scale: str, data_dir: Path, work: Path) -> Path:
     """A backbone folder for a notebook: runs/backbone (copied into `work`, so the notebook never writes into
-    the repository) when `python train.py` has made it and the scale is not tiny; else notebook 1's recipe
+    the repository) when `python train.py pretrain` has made it and the scale is not tiny; else notebook 1's recipe
     for this scale, pretrained once and cached in <tmp>/dynlora-tutorial/backbone-<hash of the recipe>."""
     made = runs.REPO / "runs" / "backbone"
     if scale != "tiny" and (made / runs.BACKBONE_FILE).is_file():
