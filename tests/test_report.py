@@ -211,8 +211,9 @@ def test_suites_come_smollm2_first_and_their_columns_and_paired_summary_are_the_
     rows = [run("RTE", "lora", s, 0.5, suite="") for s in range(3)]                  # the first grids' "" is default
     rows += [run("RTE", "gate", s, 0.5 + d / 100, suite="default") for s, d in enumerate([1, 2, 3])]
     rows += [run("MRPC", "lora", 0, 0.7, suite="smollm2"), run("CoLA", "alloc", 0, 0.1, suite="aaa")]
+    rows += [run("CoLA", "lora", 0, 0.2, suite="smollm2-alldata")]                   # a variant of the pretrained suite
     suites = report.split_suites(rows)
-    assert list(suites) == ["smollm2", "aaa", "default"] and len(suites["default"]) == 6
+    assert list(suites) == ["smollm2", "smollm2-alldata", "aaa", "default"] and len(suites["default"]) == 6
     tasks, methods, majority, weak = report.suite_columns(suites["default"], FIXTURES)
     assert (tasks, methods) == (["RTE"], ["lora", "gate"]) and weak == {"RTE"}     # majority 66.7 on the fixtures
     intervals, resolvable = report.paired_summary(suites["default"], tasks, methods)
