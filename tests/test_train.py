@@ -271,6 +271,16 @@ def test_bench_quick_runs_every_figure(tmp_path):
     assert "Benchmark" in report.render_bench(saved)
 
 
+def test_a_flops_percentage_meets_its_target_only_when_its_lowest_round_does():
+    import bench
+    # 1e9 FLOPs per step against a 1e10 FLOP/s matmul: 0.125 s per step is 80%, 0.15 s is 66.7%
+    row = bench.flops_row("step", 1e9, [0.125, 0.125, 0.15], peak=1e10, target=">= 70%")
+    assert row["value"] == "8.0 (80%) [67–80%]" and row["low"] == pytest.approx(100 / 1.5)
+    assert report.target_met(row["value"], row["target"], row["low"], row["high"]) is False
+    steady = bench.flops_row("step", 1e9, [0.125, 0.13, 0.14], peak=1e10, target=">= 70%")
+    assert report.target_met(steady["value"], steady["target"], steady["low"], steady["high"]) is True
+
+
 def test_flag_names_rename_adapter_fields():
     import dataclasses
     assert set(train.FLAG_NAMES) <= {f.name for f in dataclasses.fields(train.dynlora.AdapterConfig)}
