@@ -288,9 +288,9 @@ def smollm2_rows(B: int = 16, T: int = 64, rounds: int = 5) -> list:
     models = {m: classifier(m, config, 8) for m in ("full", "lora", "gate")}
     models |= {f"{m} 12->8": classifier(m, config, 12, 8) for m in ("alloc", "dynlora")}
     steps = {m: make_step(model, idx, y, m.split()[0], total_steps=1000) for m, model in models.items()}
-    steps["lora compiled"], why_not = compiled_step(classifier("lora", config, 8), idx, y, "lora")
-    if steps["lora compiled"] is None:
-        del steps["lora compiled"]
+    compiled, why_not = compiled_step(classifier("lora", config, 8), idx, y, "lora")
+    if compiled is not None:
+        steps["lora compiled"] = compiled
     peak = matmul_flops_per_s(2048, 10)
     times = interleaved_times(steps, rounds, 1)
     peak = max(peak, matmul_flops_per_s(2048, 10))

@@ -371,12 +371,16 @@ def gates_table(gates: list, tasks, labels) -> list:
     return lines
 
 
+def pretrained_suite(name: str) -> bool:
+    """Whether a suite runs on the pretrained backbone: "smollm2", or a variant of its recipe "smollm2-..."."""
+    return name == "smollm2" or name.startswith("smollm2-")
+
+
 def split_suites(results: list) -> dict:
-    """{suite: its result lines}, the pretrained backbone's suites first ("smollm2", then its variants named
-    "smollm2-..."), whose tasks can tell methods apart, then the others by name. Runs of the first grids carry
-    suite "" for the default suite; later runs name it "default": both are "default" here."""
-    pretrained = lambda name: name == "smollm2" or name.startswith("smollm2-")
-    names = sorted({r.get("suite") or "default" for r in results}, key=lambda name: (not pretrained(name), name))
+    """{suite: its result lines}, the pretrained backbone's suites first ("smollm2", then its variants; see
+    pretrained_suite), whose tasks can tell methods apart, then the others by name. Runs of the first grids
+    carry suite "" for the default suite; later runs name it "default": both are "default" here."""
+    names = sorted({r.get("suite") or "default" for r in results}, key=lambda s: (not pretrained_suite(s), s))
     return {s: [r for r in results if (r.get("suite") or "default") == s] for s in names}
 
 
