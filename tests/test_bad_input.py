@@ -303,6 +303,7 @@ def test_data_dir_that_is_a_file(backbone, tmp_path):
 @pytest.mark.parametrize("extra, expected", [
     (["--lora-r", "0"], "--lora-r must be a positive integer"),
     (["--gate-penalty", "nan"], "--gate-penalty must be >= 0"),
+    (["--gate-lr-mult", "0"], "--gate-lr-mult must be a finite number > 0"),
 ])
 def test_an_adapter_setting_out_of_range_names_its_flag(backbone, tmp_path, extra, expected):
     code, message = cli("finetune", "--task", "RTE", "--method", "gate", "--backbone", backbone, "--data-dir",

@@ -841,3 +841,45 @@ def test_gate_flops_per_token_by_hand():
     # + one projection of a 384-wide x: P x = 2 * 384 = 768, and W_g's extra column 2 * 8 = 16 -> 960
     assert dynlora.gate_flops_per_token(8, d_in=384, x_dims=1) == 960
     assert dynlora.gate_flops_per_token(8, 384, 1) == RankGate(8, d_in=384, x_dims=1).flops_per_token(8, 384, 1)
+
+
+# --- The gates' own learning rate (gate_lr_mult) -------------------------------------------------------------
+
+def test_make_optimizer_gives_the_live_gates_their_own_learning_rate():
+    import train
+    model, _ = adapted("gate")
+    gate_ids = {id(p) for p in dynlora.gate_parameters(model)}
+    assert gate_ids and len(gate_ids) == 3 * len(dynlora.live_gates(model))      # W_g, c and P of every gate
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(train.make_optimizer(model, 1e-3, 0.01).param_groups) == 2           # the layout before the option
+    opt = train.make_optimizer(model, 1e-3, 0.01, gate_lr_mult=30)
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in trainable)                          # every parameter, once
+    for group in opt.param_groups:
+        is_gate = {id(p) in gate_ids for p in group["params"]}
+        assert len(is_gate) == 1                                                     # gates and the rest apart
+        assert group["lr"] == pytest.approx(1e-3 * (30 if is_gate.pop() else 1))
+    train.set_lr(opt, 2e-4)                                                          # the schedule keeps the factor
+    assert sorted({round(g["lr"], 10) for g in opt.param_groups}) == [2e-4, 6e-3]
+
+
+def test_gate_lr_mult_moves_the_gates_by_that_factor_more():
+    import train
+    moved = {}
+    for mult in (1.0, 30.0):
+        model, _ = adapted("gate", gate_penalty=0.1)
+        opt = train.make_optimizer(model, 1e-3, 0.0, gate_lr_mult=mult)
+        before = [m.gate.bias.detach().clone() for _, m in dynlora.live_gates(model)]
+        idx = torch.randint(1, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))
+        for _ in range(5):
+            _, loss = model(idx, torch.tensor([0, 1, 0, 1]))
+            (loss + dynlora.regularization_loss(model)).backward()
+            opt.step()
+            opt.zero_grad()
+        moved[mult] = sum((m.gate.bias - b).abs().mean().item() for (_, m), b in zip(dynlora.live_gates(model), before))
+    assert moved[30.0] > 10 * moved[1.0] > 0
+
+
+def test_gate_lr_mult_must_be_positive():
+    with pytest.raises(ValueError, match="gate_lr_mult must be a finite number > 0"):
+        AdapterConfig(gate_lr_mult=0.0)
