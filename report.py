@@ -6,8 +6,9 @@ report.py -- what a run reports: the README's result tables and the benchmark ta
 What this file holds, in order:
   1. Statistics    -- t_quantile_95 (two-sided 95% t quantiles, df 1..30, normal above), paired_ci (mean and
                       t interval half-width of paired differences), paired_diffs (a method minus LoRA, runs
-                      of the same task and seed paired), resolvable_difference (the smallest difference the
-                      seeds can resolve), merged_costs (merged model minus the best-epoch model it came from).
+                      of the same task and seed paired), cross_suite_diffs (the same across two suites),
+                      resolvable_difference (the smallest difference the seeds can resolve), merged_costs
+                      (merged model minus the best-epoch model it came from).
   2. Baselines     -- default_data_dir, majority_scores: the dev score of the majority-class predictor per
                       task (data.majority_baseline), "—" where the GLUE files are not found.
   3. render_report -- split_suites (the suites, the pretrained backbone's first) and suite_columns (a suite's
@@ -17,7 +18,9 @@ What this file holds, in order:
                       row, † on tasks no method beats it on, parameter counts, wall time over the tasks every
                       method has), the paired differences to LoRA with 95% intervals and the resolvable
                       difference, the gated methods' merged-model cost, effective rank and dependence on
-                      the input (results/gates.jsonl), where the allocating methods put their final budget.
+                      the input (results/gates.jsonl), where the allocating methods put their final budget;
+                      after the pretrained backbone's suites, the comparisons across them (CROSS_SUITE:
+                      a variant or control suite against another suite's runs of the same task and seed).
   4. render_bench  -- the benchmark's figures and targets (results/bench.json, written by bench.py), each
                       target marked ✓ or ✗ missed (target_met).
   5. render_import -- the check of an imported backbone (results/import.json).
@@ -90,10 +93,23 @@ def _by_seed(rows, task, method) -> dict:
     return {r["seed"]: r for r in rows if r["task"] == task and r["method"] == method}
 
 
+def _seed_diffs(ours: dict, base: dict, key: str) -> list[float]:
+    """100 x (ours - base) of `key`, one per seed both {seed: record} have, in seed order."""
+    return [100 * (ours[s][key] - base[s][key]) for s in sorted(set(ours) & set(base))]
+
+
 def paired_diffs(rows, task, method, key="last_score") -> list[float]:
     """100 x (method - LoRA) of `key`, one per seed both have, in seed order; unpaired seeds are skipped."""
-    ours, base = _by_seed(rows, task, method), _by_seed(rows, task, BASELINE)
-    return [100 * (ours[s][key] - base[s][key]) for s in sorted(set(ours) & set(base))]
+    return _seed_diffs(_by_seed(rows, task, method), _by_seed(rows, task, BASELINE), key)
+
+
+def cross_suite_diffs(results, run, base, task, key="last_score") -> list[float]:
+    """paired_diffs across suites: 100 x (run - base) of `key`, run and base each a (suite, method), paired by
+    task and seed (a seed's batch order is the same in every suite of one recipe)."""
+    def of(suite_method):
+        suite, method = suite_method
+        return _by_seed([r for r in results if (r.get("suite") or "default") == suite], task, method)
+    return _seed_diffs(of(run), of(base), key)
 
 
 def resolvable_difference(diff_lists) -> tuple[float | None, int]:
@@ -371,6 +387,41 @@ def gates_table(gates: list, tasks, labels) -> list:
     return lines
 
 
+# The comparisons across the pretrained backbone's suites: a variant of the recipe, or a control, runs as a
+# suite of its own, and its runs pair with another suite's by task and seed. Each: (suite, method) minus
+# (suite, method), and the question it answers. Add a line here for a suite of your own.
+CROSS_SUITE = [
+    (("smollm2-alpha11", "lora"), ("smollm2", "lora"), "LoRA's scale: alpha 11 against 16"),
+    (("smollm2", "gate"), ("smollm2-alpha11", "lora"), "the default gate against LoRA at the gate's static scale"),
+    (("smollm2", "dynlora"), ("smollm2-alpha11", "lora"), "dynlora against LoRA at the gates' static scale"),
+    (("smollm2-gatelr30", "gate"), ("smollm2", "lora"), "gates that move (30x lr) against LoRA at r = 8"),
+    (("smollm2-gatelr30", "gate"), ("smollm2", "gate"), "what the gates' own learning rate changes"),
+    (("smollm2-gatelr30", "gate"), ("smollm2-r4", "lora"), "gates that move against LoRA at their effective rank"),
+    (("smollm2-r4", "lora"), ("smollm2", "lora"), "LoRA's rank: 4 against 8"),
+]
+
+
+def cross_suite_table(results, comparisons=CROSS_SUITE) -> list:
+    """The comparisons (run, base, question) that have paired runs, as a table: the mean difference with its
+    95% t interval per task (paired_ci of cross_suite_diffs)."""
+    cells = {(run, base, t): paired_ci(cross_suite_diffs(results, run, base, t))
+             for run, base, _ in comparisons for t in TASK_ORDER}
+    asked = [(run, base, why) for run, base, why in comparisons
+             if any(cells[(run, base, t)][2] for t in TASK_ORDER)]
+    tasks = [t for t in TASK_ORDER if any(cells[(run, base, t)][2] for run, base, _ in asked)]
+    if not asked:
+        return []
+    lines = ["**Across suites** — paired difference, points x 100 of the final model's dev score, between two "
+             "suites' runs of the same task and seed (`report.CROSS_SUITE`): mean [95% t interval, df = n − 1]; "
+             "**bold**: the interval excludes 0.\n",
+             "| suite/method − suite/method | question | " + " | ".join(tasks) + " |",
+             "|---" * (len(tasks) + 2) + "|"]
+    for run, base, why in asked:
+        lines.append(f"| {'/'.join(run)} − {'/'.join(base)} | {why} | "
+                     + " | ".join(_diff_cell(cells[(run, base, t)]) for t in tasks) + " |")
+    return lines
+
+
 def pretrained_suite(name: str) -> bool:
     """Whether a suite runs on the pretrained backbone: "smollm2", or a variant of its recipe "smollm2-..."."""
     return name == "smollm2" or name.startswith("smollm2-")
@@ -420,8 +471,12 @@ def render_report(results: list, bench: dict | None = None, data_dir=None, gates
     budget has shrunk to the target, which would compare it to LoRA at a larger budget.
     """
     data_dir = default_data_dir() if data_dir is None else Path(data_dir)
+    suites = split_suites(results)
     parts = [render_suite(s, rows, data_dir, [g for g in gates if (g.get("suite") or "default") == s])
-             for s, rows in split_suites(results).items()]
+             for s, rows in suites.items()]
+    cross = cross_suite_table(results)
+    if cross:                                   # after the pretrained backbone's suites, which it compares
+        parts.insert(sum(map(pretrained_suite, suites)), "\n".join(cross) + "\n")
     if bench:
         parts.append(render_bench(bench))
     return "\n".join(parts)

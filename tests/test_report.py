@@ -234,3 +234,28 @@ def test_the_gates_table_shows_each_suites_input_dependence_mean_over_seeds():
     assert "| gate | 0.30 (sd 0.150); 5.5 ± 1.0; 0.010 bit (n=2) |" in text      # the other suite's record is not mixed in
     assert "400 dev examples per run" in text
     assert "depend on the input" not in report.render_report(rows, data_dir=FIXTURES)   # no records, no table
+
+
+def test_comparisons_across_suites_pair_by_task_and_seed_and_sit_after_the_pretrained_suites():
+    rows = [run("SST-2", "lora", s, 0.80 + d / 100, suite="smollm2") for s, d in enumerate([0, 1, 2])]
+    rows += [run("SST-2", "gate", s, 0.81 + d / 100, suite="smollm2-v") for s, d in enumerate([0, 2, 6])]
+    rows += [run("SST-2", "gate", 3, 0.90, suite="smollm2-v"),                      # no LoRA seed 3: unpaired
+             run("RTE", "gate", 0, 0.60, suite="smollm2-v"), run("RTE", "lora", 0, 0.5, suite="default")]
+    run_, base = ("smollm2-v", "gate"), ("smollm2", "lora")
+    diffs = report.cross_suite_diffs(rows, run_, base, "SST-2")
+    assert diffs == pytest.approx([1.0, 2.0, 5.0])                                  # 81-80, 83-81, 87-82
+    assert report.cross_suite_diffs(rows, run_, base, "RTE") == []                  # LoRA's RTE run is another suite's
+    comparisons = [(run_, base, "why"), (("smollm2-v", "lora"), base, "nothing to pair")]
+    table = report.cross_suite_table(rows, comparisons)
+    mean, half, n = report.paired_ci(diffs)
+    assert n == 3 and half == pytest.approx(4.303 * np.std([1, 2, 5], ddof=1) / math.sqrt(3), rel=1e-3)
+    assert table[1] == "| suite/method − suite/method | question | SST-2 |"           # only the tasks with pairs
+    assert table[3] == f"| smollm2-v/gate − smollm2/lora | why | {report._diff_cell((mean, half, n))} |"
+    assert len(table) == 4                                                          # the comparison without pairs: no row
+    def headings():                                                                 # each table's name, in order
+        return [line.split(" — ")[0] for line in report.render_report(rows, data_dir=FIXTURES).splitlines()
+                if line.startswith("**Suite") or line.startswith("**Across")]
+    assert "**Across suites**" not in headings()                                   # CROSS_SUITE names no suite here
+    rows += [run("SST-2", "lora", s, 0.80, suite="smollm2-alpha11") for s in range(3)]   # now one of its lines pairs
+    assert headings() == ["**Suite `smollm2`**", "**Suite `smollm2-alpha11`**", "**Suite `smollm2-v`**",
+                          "**Across suites**", "**Suite `default`**"]              # after the pretrained suites
