@@ -408,9 +408,9 @@ def cross_suite_table(results, comparisons=CROSS_SUITE) -> list:
              for run, base, _ in comparisons for t in TASK_ORDER}
     asked = [(run, base, why) for run, base, why in comparisons
              if any(cells[(run, base, t)][2] for t in TASK_ORDER)]
-    tasks = [t for t in TASK_ORDER if any(cells[(run, base, t)][2] for run, base, _ in asked)]
     if not asked:
         return []
+    tasks = [t for t in TASK_ORDER if any(cells[(run, base, t)][2] for run, base, _ in asked)]
     lines = ["**Across suites** — paired difference, points x 100 of the final model's dev score, between two "
              "suites' runs of the same task and seed (`report.CROSS_SUITE`): mean [95% t interval, df = n − 1]; "
              "**bold**: the interval excludes 0.\n",

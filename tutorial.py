@@ -44,13 +44,17 @@ PRETRAIN = {
 
 
 def glue_data(scale: str) -> tuple[Path, str]:
-    """(the GLUE folder, the scale to run at): "tiny" when only the test fixtures are there, and says so."""
+    """(the GLUE folder, the scale to run at): "tiny" on the test fixtures -- when no GLUE folder is found, or
+    when $GLUE_DIR names the fixtures (as the tests do, so that CI's run takes the same time everywhere) --
+    and says so."""
     candidates = (os.environ.get("GLUE_DIR"), runs.REPO.parent / "shared" / "glue", runs.REPO / "data" / "glue")
     found = [Path(c) for c in candidates if c and (Path(c) / "SST-2" / "train.tsv").is_file()]
-    if found:
+    if found and found[0].resolve() != FIXTURES.resolve():
         return found[0], scale
-    print("note: no GLUE data ($GLUE_DIR, ../shared/glue, ./data/glue), so this runs on the tiny test fixtures "
-          "and its numbers mean nothing; set GLUE_DIR to a GLUE folder for real results")
+    print("note: " + ("GLUE_DIR names the test fixtures" if found else
+                      "no GLUE data ($GLUE_DIR, ../shared/glue, ./data/glue)")
+          + ", so this runs at the tiny scale on the fixtures and its numbers mean nothing; set GLUE_DIR to a "
+            "GLUE folder for real results")
     return FIXTURES, "tiny"
 
 

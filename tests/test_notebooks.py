@@ -4,9 +4,12 @@ Each notebook is read into memory and executed by nbclient in a fresh kernel of 
 working folder is notebooks/, as when a reader opens it there); the executed copy is discarded, so nothing is
 written back into the repository. Any error in any cell fails the test, naming the cell.
 
-The notebooks find GLUE through $GLUE_DIR, ../shared/glue beside the repository or ./data/glue, else they run
-on the tiny test fixtures. They keep their files in the system's temporary folder, which for these tests is a
-folder of this session: notebook 1 pretrains the small backbone there once and the later notebooks reuse it.
+The notebooks find GLUE through $GLUE_DIR, ../shared/glue beside the repository or ./data/glue; these tests
+point $GLUE_DIR at the test fixtures, on which every notebook runs at its "tiny" scale (tutorial.glue_data), so
+that they need no GLUE download and take the same time on every machine. (The committed outputs come from
+runs on the real GLUE files at the "small" scale.) They keep their files in the system's temporary folder,
+which for these tests is a folder of this session: notebook 1 pretrains its backbone there once and the later
+notebooks reuse it.
 """
 
 import sys
@@ -16,6 +19,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell
+
+from conftest import FIXTURES
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -35,6 +40,7 @@ def test_the_tutorial_is_seven_numbered_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom(path, shared_tmp, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(shared_tmp))            # the kernel inherits it: tempfile uses this folder
+    monkeypatch.setenv("GLUE_DIR", str(FIXTURES))            # and this: the tiny scale (see the docstring)
     nb = nbformat.read(path, as_version=4)
     # First, make sure the kernel is this Python (the venv with the repository's requirements).
     nb.cells.insert(0, new_code_cell(f"import sys\nassert sys.prefix == {sys.prefix!r}, sys.prefix"))

@@ -18,3 +18,13 @@ def test_glue_slice_keeps_train_and_the_first_dev_examples(tmp_path):
 def test_glue_slice_of_zero_is_the_folder_itself(tmp_path):
     assert tutorial.glue_slice(FIXTURES, "SST-2", 0, tmp_path) == FIXTURES
     assert not any(tmp_path.iterdir())
+
+
+def test_glue_data_runs_tiny_on_the_fixtures_and_keeps_the_scale_on_a_glue_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLUE_DIR", str(FIXTURES))
+    assert tutorial.glue_data("small") == (tutorial.FIXTURES, "tiny")        # the fixtures: always the tiny scale
+    real = tmp_path / "glue"
+    (real / "SST-2").mkdir(parents=True)
+    (real / "SST-2" / "train.tsv").write_bytes((FIXTURES / "SST-2" / "train.tsv").read_bytes())
+    monkeypatch.setenv("GLUE_DIR", str(real))
+    assert tutorial.glue_data("small") == (real, "small")
