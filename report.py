@@ -103,13 +103,13 @@ def paired_diffs(rows, task, method, key="last_score") -> list[float]:
     return _seed_diffs(_by_seed(rows, task, method), _by_seed(rows, task, BASELINE), key)
 
 
-def cross_suite_diffs(results, run, base, task, key="last_score") -> list[float]:
-    """paired_diffs across suites: 100 x (run - base) of `key`, run and base each a (suite, method), paired by
-    task and seed (a seed's batch order is the same in every suite of one recipe)."""
-    def of(suite_method):
-        suite, method = suite_method
-        return _by_seed([r for r in results if (r.get("suite") or "default") == suite], task, method)
-    return _seed_diffs(of(run), of(base), key)
+def cross_suite_diffs(suites: dict, run, base, task, key="last_score") -> list[float]:
+    """paired_diffs across suites: 100 x (run - base) of `key`, run and base each a (suite, method) of `suites`
+    ({suite: its runs}, split_suites), paired by task and seed (a seed's batch order is the same in every suite
+    of one recipe)."""
+    (run_suite, run_method), (base_suite, base_method) = run, base
+    return _seed_diffs(_by_seed(suites.get(run_suite, []), task, run_method),
+                       _by_seed(suites.get(base_suite, []), task, base_method), key)
 
 
 def resolvable_difference(diff_lists) -> tuple[float | None, int]:
@@ -401,10 +401,11 @@ CROSS_SUITE = [
 ]
 
 
-def cross_suite_table(results, comparisons=CROSS_SUITE) -> list:
-    """The comparisons (run, base, question) that have paired runs, as a table: the mean difference with its
-    95% t interval per task (paired_ci of cross_suite_diffs)."""
-    cells = {(run, base, t): paired_ci(cross_suite_diffs(results, run, base, t))
+def cross_suite_table(suites: dict, comparisons=CROSS_SUITE) -> list:
+    """The comparisons (run, base, question) that have paired runs in `suites` ({suite: its runs},
+    split_suites), as a table: the mean difference with its 95% t interval per task (paired_ci of
+    cross_suite_diffs)."""
+    cells = {(run, base, t): paired_ci(cross_suite_diffs(suites, run, base, t))
              for run, base, _ in comparisons for t in TASK_ORDER}
     asked = [(run, base, why) for run, base, why in comparisons
              if any(cells[(run, base, t)][2] for t in TASK_ORDER)]
@@ -427,12 +428,18 @@ def pretrained_suite(name: str) -> bool:
     return name == "smollm2" or name.startswith("smollm2-")
 
 
+def suite_of(record: dict) -> str:
+    """The suite of a result or gates record: runs of the first grids carry suite "" for the default suite,
+    later runs name it "default"; both are "default"."""
+    return record.get("suite") or "default"
+
+
 def split_suites(results: list) -> dict:
     """{suite: its result lines}, the pretrained backbone's suites first ("smollm2", then its variants; see
-    pretrained_suite), whose tasks can tell methods apart, then the others by name. Runs of the first grids
-    carry suite "" for the default suite; later runs name it "default": both are "default" here."""
-    names = sorted({r.get("suite") or "default" for r in results}, key=lambda s: (not pretrained_suite(s), s))
-    return {s: [r for r in results if (r.get("suite") or "default") == s] for s in names}
+    pretrained_suite), whose tasks can tell methods apart, then the others by name; suite_of names a record's
+    suite."""
+    names = sorted({suite_of(r) for r in results}, key=lambda s: (not pretrained_suite(s), s))
+    return {s: [r for r in results if suite_of(r) == s] for s in names}
 
 
 def suite_columns(rows: list, data_dir) -> tuple[list, list, dict, set]:
@@ -472,9 +479,8 @@ def render_report(results: list, bench: dict | None = None, data_dir=None, gates
     """
     data_dir = default_data_dir() if data_dir is None else Path(data_dir)
     suites = split_suites(results)
-    parts = [render_suite(s, rows, data_dir, [g for g in gates if (g.get("suite") or "default") == s])
-             for s, rows in suites.items()]
-    cross = cross_suite_table(results)
+    parts = [render_suite(s, rows, data_dir, [g for g in gates if suite_of(g) == s]) for s, rows in suites.items()]
+    cross = cross_suite_table(suites)
     if cross:                                   # after the pretrained backbone's suites, which it compares
         parts.insert(sum(map(pretrained_suite, suites)), "\n".join(cross) + "\n")
     if bench:

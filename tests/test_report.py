@@ -242,11 +242,12 @@ def test_comparisons_across_suites_pair_by_task_and_seed_and_sit_after_the_pretr
     rows += [run("SST-2", "gate", 3, 0.90, suite="smollm2-v"),                      # no LoRA seed 3: unpaired
              run("RTE", "gate", 0, 0.60, suite="smollm2-v"), run("RTE", "lora", 0, 0.5, suite="default")]
     run_, base = ("smollm2-v", "gate"), ("smollm2", "lora")
-    diffs = report.cross_suite_diffs(rows, run_, base, "SST-2")
+    suites = report.split_suites(rows)
+    diffs = report.cross_suite_diffs(suites, run_, base, "SST-2")
     assert diffs == pytest.approx([1.0, 2.0, 5.0])                                  # 81-80, 83-81, 87-82
-    assert report.cross_suite_diffs(rows, run_, base, "RTE") == []                  # LoRA's RTE run is another suite's
+    assert report.cross_suite_diffs(suites, run_, base, "RTE") == []                  # LoRA's RTE run is another suite's
     comparisons = [(run_, base, "why"), (("smollm2-v", "lora"), base, "nothing to pair")]
-    table = report.cross_suite_table(rows, comparisons)
+    table = report.cross_suite_table(suites, comparisons)
     mean, half, n = report.paired_ci(diffs)
     assert n == 3 and half == pytest.approx(4.303 * np.std([1, 2, 5], ddof=1) / math.sqrt(3), rel=1e-3)
     assert table[1] == "| suite/method − suite/method | question | SST-2 |"           # only the tasks with pairs
