@@ -7,39 +7,53 @@ by round (A, B, C, A, B, C, ...). A ratio is reported as its median over the rou
 per-round ratios, [lowest, highest]: a target counts as met only when the whole range meets it.
 
 What this file holds, in order:
-  1. Timing          -- the fp32 matmul yardstick, interleaved rounds, ratios with their range.
-  2. Models and steps -- a classifier with each method's adapters, one training step of it (eager, compiled).
+  1. Timing          -- the matmul yardstick (per dtype), interleaved rounds, ratios with their range.
+  2. Models and steps -- a classifier with each method's adapters, one training step of it (eager, compiled,
+                        under autocast).
   3. Memory          -- the peak resident memory of a fresh process training one method.
   4. FLOP counting   -- the matmul FLOPs of a training step with frozen weights (the adapter methods).
   5. run             -- the figures of the "cpu" preset (the from-scratch backbone) and, unless quick, of the
-                        pretrained backbone's shape (SmolLM2-135M), written to results/bench.json, which
-                        `python train.py report` renders into the README.
+                        pretrained backbone's shape (SmolLM2-135M), the padding of the suite's batches and
+                        whole fine-tuning runs, written to results/bench.json, which `python train.py report`
+                        renders into the README.
 
 Figures (weights at random init; speed does not depend on their values):
-  - fp32 matmul FLOP/s (2048 x 2048 x 2048): the machine's practical peak, the yardstick.
+  - the CPU, its vector ISA, whether it computes bf16 natively, and what --precision auto picks there.
+  - fp32 (and, with native bf16, bf16) matmul FLOP/s (2048 x 2048 x 2048): the practical peak, the yardstick.
   - achieved FLOP/s of a pretraining step and a full fine-tuning step (model.training_flops: 3 x forward),
     and of a LoRA step of SmolLM2-135M (lora_training_flops: the frozen matmuls cost forward + input
-    gradient, 2 x forward; the attention products, the adapters and the head 3 x forward), eager and under
-    torch.compile (`--compile`: inductor fuses the elementwise work of RMSNorm, rotary and SwiGLU, which
-    does not scale with threads the way the matmuls do), each with its range over the rounds.
+    gradient, 2 x forward; the attention products, the adapters and the head 3 x forward) in fp32 eager, bf16
+    eager (native bf16 only) and under torch.compile (inductor fuses the elementwise work of RMSNorm,
+    rotary and SwiGLU, which does not scale with threads the way the matmuls do), each against the matmul
+    of its own dtype, with its range over the rounds.
   - step time of each adapter method / full fine-tuning, and of each dynamic variant / static LoRA, at r = 8
     and in the configuration the GLUE grid trains (alloc and dynlora from r = 12 to 8, against LoRA at 8).
   - peak memory of LoRA training / full fine-tuning (peak resident memory, VmHWM, of a fresh process, minus
     what it held before building the model: weights, gradients, optimizer state and activations).
   - merged-model inference time / base-model inference time.
   - the FLOPs of the rank gates as a fraction of the model's forward FLOPs (counted, not timed).
+  - the padding share of the training batches per task, and whole fine-tuning runs (a fresh process from
+    start to result) in fp32 eager against --precision auto and --compile, with compile time and graphs.
 """
 
 import json
 import multiprocessing as mp
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+import data
 import dynlora
+import report
 import runs
+import runtime
 from model import GPT, GPTClassifier, GPTConfig, matmul_flops_per_token, preset, training_flops
 
 
@@ -47,8 +61,9 @@ from model import GPT, GPTClassifier, GPTConfig, matmul_flops_per_token, preset,
 # 1. Timing
 # ---------------------------------------------------------------------------------------------------------
 
-def matmul_flops_per_s(n: int, repeats: int) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops_per_s(n: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype`: the practical peak a step in that dtype is measured against."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     t = time.perf_counter()
     for _ in range(repeats):
@@ -111,18 +126,23 @@ def classifier(method: str, config: GPTConfig, r: int, target_r: int | None = No
     return model
 
 
-def make_step(model: torch.nn.Module, idx: torch.Tensor, y: torch.Tensor, method: str, total_steps: int):
-    """A closure running one full training step (forward, backward, AdamW, allocator) of `model`."""
+def make_step(model: torch.nn.Module, idx: torch.Tensor, y: torch.Tensor, method: str, total_steps: int,
+              precision: str = "fp32"):
+    """A closure running one full training step (forward, backward, AdamW, allocator) of `model`, its forward
+    pass under the autocast of `precision` (fp32: none), as train.train_step runs it."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    cfg = getattr(model, "adapter_config", None)
-    allocator = dynlora.RankAllocator(model, cfg, total_steps) if cfg is not None and cfg.allocation else None
+    raw = runtime.unwrap(model)
+    cfg = getattr(raw, "adapter_config", None)
+    allocator = dynlora.RankAllocator(raw, cfg, total_steps) if cfg is not None and cfg.allocation else None
+    rt = runtime.Runtime(torch.device("cpu"), precision)
     state = {"t": 0}
 
     def step():
-        _, loss = model(idx, y)
-        if cfg is not None:
-            loss = loss + dynlora.regularization_loss(model)
+        with rt.autocast():
+            _, loss = model(idx, y)
+            if cfg is not None:
+                loss = loss + dynlora.regularization_loss(raw)
         loss.backward()
         opt.step()
         state["t"] += 1
@@ -132,11 +152,15 @@ def make_step(model: torch.nn.Module, idx: torch.Tensor, y: torch.Tensor, method
     return step
 
 
-def compiled_step(model: torch.nn.Module, idx: torch.Tensor, y: torch.Tensor, method: str) -> tuple:
-    """(make_step of torch.compile(model), "") after its first call has compiled it (about a minute for
+def compiled_step(model: torch.nn.Module, idx: torch.Tensor, y: torch.Tensor, method: str,
+                  precision: str = "fp32") -> tuple:
+    """(make_step of torch.compile(model), "") after its first call has compiled it (a minute or more for
     SmolLM2-135M on 2 CPU cores), or (None, the reason) where torch.compile cannot run here (inductor
     needs a C++ compiler on the CPU)."""
-    step = make_step(torch.compile(model), idx, y, method, total_steps=1000)
+    why_not = runtime.compile_unavailable(torch.device("cpu"))
+    if why_not:
+        return None, why_not
+    step = make_step(torch.compile(model), idx, y, method, total_steps=1000, precision=precision)
     try:
         step()
     except Exception as err:                   # torch._dynamo / inductor errors have no common public base
@@ -279,40 +303,150 @@ def cpu_preset_rows(quick: bool) -> list:
     return rows
 
 
-def smollm2_rows(B: int = 16, T: int = 64, rounds: int = 5) -> list:
-    """The SmolLM2-135M shape at the `smollm2` suite's batch (16 x 64 tokens): LoRA (r = 8 on q, v) and full
-    fine-tuning steps, FLOP/s against the matmul yardstick, tokens/s, peak memory; and the step time of the
-    dynamic methods in the configuration that suite trains (gate at r = 8, alloc and dynlora 12 -> 8)."""
+def smollm2_rows(B: int = 16, T: int = 64, rounds: int = 7) -> list:
+    """The SmolLM2-135M shape at the `smollm2` suite's batch (16 x 64 tokens).
+
+    The LoRA step (r = 8 on q, v) in fp32 eager and, on a CPU that computes bf16 natively, bf16 eager and bf16
+    under torch.compile (elsewhere fp32 under torch.compile: emulated bf16 is many times slower than fp32 and is
+    not timed); each as tokens/s and as FLOP/s against the same run's matmul FLOP/s in the same dtype. Then, at
+    the recipe's precision (--precision auto on this machine, eager: see whole_run_rows for compile), full
+    fine-tuning's step and the dynamic methods' steps in the configuration the suite trains (gate at r = 8,
+    alloc and dynlora 12 -> 8) against LoRA's, and the peak memory."""
     config = preset("smollm2-135m", vocab_size=49152 + 3)      # the imported vocabulary: 3 tokens added
+    cpu = torch.device("cpu")
+    auto = runtime.select_precision("auto", cpu)
     idx, y = torch.randint(4, config.vocab_size, (B, T)), torch.randint(0, 2, (B,))
     models = {m: classifier(m, config, 8) for m in ("full", "lora", "gate")}
     models |= {f"{m} 12->8": classifier(m, config, 12, 8) for m in ("alloc", "dynlora")}
-    steps = {m: make_step(model, idx, y, m.split()[0], total_steps=1000) for m, model in models.items()}
-    compiled, why_not = compiled_step(classifier("lora", config, 8), idx, y, "lora")
+    steps = {m: make_step(model, idx, y, m.split()[0], total_steps=1000, precision=auto)
+             for m, model in models.items()}
+    steps["lora fp32"] = steps["lora"] if auto == "fp32" else make_step(models["lora"], idx, y, "lora", 1000)
+    low = "bf16" if runtime.cpu_native_bf16() else "fp32"
+    if low == "bf16" and auto != "bf16":
+        steps["lora bf16"] = make_step(models["lora"], idx, y, "lora", 1000, precision="bf16")
+    elif low == "bf16":
+        steps["lora bf16"] = steps["lora"]
+    compiled, why_not = compiled_step(classifier("lora", config, 8), idx, y, "lora", precision=low)
     if compiled is not None:
-        steps["lora compiled"] = compiled
-    peak = matmul_flops_per_s(2048, 10)
-    times = interleaved_times(steps, rounds, 1)
-    peak = max(peak, matmul_flops_per_s(2048, 10))
+        steps[f"lora {low} compiled"] = compiled
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peak = {p: matmul_flops_per_s(2048, 10, dtypes[p]) for p in {"fp32", low}}
+    distinct = {}                                 # time each closure once per round, under all of its names
+    for name, fn in steps.items():
+        distinct.setdefault(id(fn), (name, fn))
+    timed = interleaved_times({name: fn for name, fn in distinct.values()}, rounds, 1)
+    times = {name: timed[distinct[id(fn)][0]] for name, fn in steps.items()}
+    peak = {p: max(v, matmul_flops_per_s(2048, 10, dtypes[p])) for p, v in peak.items()}
     lora_flops = lora_training_flops(config, models["lora"].adapter_config, idx.numel(), T)
     full_flops = training_flops(config, idx.numel(), T, lm_head=False)
     tag = f"SmolLM2-135M, B={B} T={T}"
-    rows = [dict(name=f"{tag}: fp32 matmul 2048^3 (GFLOP/s), same run", value=f"{peak / 1e9:.1f}"),
-            flops_row(f"{tag}: LoRA step (GFLOP/s, % of matmul)", lora_flops, times["lora"], peak, ">= 70%")]
-    if "lora compiled" in times:
-        rows += [flops_row(f"{tag}: LoRA step, torch.compile (GFLOP/s, % of matmul)", lora_flops,
-                           times["lora compiled"], peak, ">= 70%"),
-                 ratio_row(f"{tag}: step time lora torch.compile / lora eager", times, "lora compiled", "lora")]
-    else:
+    rows = [dict(name="CPU", value=f"{runs.machine_description()}; --precision auto -> {auto}")]
+    rows += [dict(name=f"{tag}: {p} matmul 2048^3 (GFLOP/s), same run", value=f"{v / 1e9:.1f}") for p, v in peak.items()]
+    variants = ["lora fp32"] + (["lora bf16"] if "lora bf16" in steps else []) + \
+        ([f"lora {low} compiled"] if compiled is not None else [])
+    for name in variants:
+        p = "bf16" if "bf16" in name else "fp32"
+        label = name.replace("lora ", "LoRA step, ").replace(" compiled", ", torch.compile")
+        target = ">= 75%" if p == "bf16" and name == f"lora {low} compiled" else ">= 70%" if p == "fp32" else ""
+        rows += [flops_row(f"{tag}: {label} (GFLOP/s, % of {p} matmul)", lora_flops, times[name], peak[p], target),
+                 dict(name=f"{tag}: {label} tokens/s", value=f"{idx.numel() / median(times, name):.0f}")]
+    if compiled is None:
         rows.append(dict(name=f"{tag}: LoRA step, torch.compile", value=f"not measured: {why_not}"))
-    rows += [flops_row(f"{tag}: full fine-tuning step (GFLOP/s, % of matmul)", full_flops, times["full"], peak),
-             dict(name=f"{tag}: LoRA / full tokens/s", value=f"{idx.numel() / median(times, 'lora'):.0f} / "
-                  f"{idx.numel() / median(times, 'full'):.0f}"),
-             ratio_row(f"{tag}: step time lora / full", times, "lora", "full")]
-    rows += [ratio_row(f"{tag}: step time {m} / lora (r=8), the suite's configuration", times, m, "lora", "<= 1.02")
-             for m in ("gate", "alloc 12->8", "dynlora 12->8")]
+    if low == "fp32":
+        rows.append(dict(name=f"{tag}: LoRA step, bf16", value=f"not measured: no native bf16 on this CPU "
+                         f"({torch.backends.cpu.get_cpu_capability()}), where bf16 is emulated (many times slower)"))
+    for name in variants[1:]:
+        rows.append(ratio_row(f"{tag}: step time {name} / lora fp32", times, name, "lora fp32"))
+    rows += [flops_row(f"{tag}: full fine-tuning step, {auto} (GFLOP/s, % of {auto} matmul)", full_flops,
+                       times["full"], peak.get(auto, peak["fp32"])),
+             ratio_row(f"{tag}: step time lora / full, {auto}", times, "lora", "full")]
+    rows += [ratio_row(f"{tag}: step time {m} / lora (r=8), the suite's configuration, {auto}", times, m, "lora",
+                       "<= 1.02") for m in ("gate", "alloc 12->8", "dynlora 12->8")]
     mem = memory_row(config, B, T, 8)
     return rows + [{**mem, "name": f"{tag}: " + mem["name"]}]
+
+
+SUITE_RECIPE = ["--task", "SST-2", "--method", "lora", "--lora-r", "8", "--max-train", "1000", "--epochs", "1",
+                "--max-len", "64", "--batch-size", "16"]
+
+
+def whole_run_rows(rounds: int = 2, backbone: str = "runs/smollm2-135m", data_dir=None,
+                   variants: dict | None = None) -> list:
+    """Whole fine-tuning runs, each a fresh `python train.py finetune` process timed from its start to its
+    result (data, training, evaluation, the merged model's score): the `smollm2` suite's recipe (LoRA r = 8 on
+    SST-2, batch 16, length <= 64, one epoch) on 1,000 examples, in fp32 eager, at --precision auto where that
+    differs, and under --compile, interleaved round by round. tokens/s = training tokens / the process's wall
+    time. The compiled run's record gives its compile seconds and graphs (one per new shape until the varying
+    length is marked dynamic); the inductor cache is off, so every round compiles from scratch, as a first run
+    does. Needs the imported backbone and the GLUE files; says so otherwise. variants: {name: extra flags},
+    the first one the reference (the tests pass their own)."""
+    ddir = data_dir or report.default_data_dir()
+    if not (Path(backbone) / runs.BACKBONE_FILE).is_file() or ddir is None:
+        return [dict(name="whole fine-tuning run", value=f"not measured: needs {backbone} (`python train.py "
+                     f"import`) and the GLUE files ($GLUE_DIR)")]
+    auto = runtime.select_precision("auto", torch.device("cpu"))
+    if variants is None:
+        variants = {"fp32 eager": ["--precision", "fp32"], f"{auto} compiled": ["--precision", auto, "--compile"]}
+        if auto != "fp32":
+            variants["auto eager"] = ["--precision", auto]
+    reference = next(iter(variants))
+    records = {name: [] for name in variants}
+    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for name, flags in variants.items():
+                out = Path(tmp) / f"{name.replace(' ', '-')}-{r}"
+                cmd = [sys.executable, str(runs.REPO / "train.py"), "finetune", *SUITE_RECIPE, "--backbone", backbone,
+                       "--data-dir", str(ddir), "--out-dir", str(out), "--results-dir", str(out), *flags]
+                t = time.perf_counter()
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                wall = time.perf_counter() - t
+                if done.returncode != 0:
+                    tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+                    return [dict(name="whole fine-tuning run", value=f"failed ({name}): {tail[:150]}")]
+                record = json.loads((out / runs.FINAL_FILE).read_text())
+                records[name].append({"wall": wall, "tokens": record["train_tokens"], "compiled": record["compiled"],
+                                      "score": record["last_score"]})
+    speed = {name: [r["tokens"] / r["wall"] for r in rs] for name, rs in records.items()}
+    tag = "whole run (SST-2, 1,000 examples, LoRA, from start to result)"
+    rows = [dict(name=f"{tag}: {name} tokens/s", value=f"{statistics.median(v):.0f} [{min(v):.0f}–{max(v):.0f}], "
+                 f"{statistics.median(r['wall'] for r in records[name]):.0f} s") for name, v in speed.items()]
+    for name in speed:
+        if name != reference:
+            per_round = [a / b for a, b in zip(speed[name], speed[reference])]
+            target = ">= 1.8" if auto == "bf16" and name == "auto eager" else ""
+            rows.append(dict(name=f"{tag}: tokens/s {name} / {reference}",
+                             value=f"{statistics.median(per_round):.3f} [{min(per_round):.3f}–{max(per_round):.3f}]",
+                             low=min(per_round), high=max(per_round), target=target))
+    compiled = [r["compiled"] for rs in records.values() for r in rs if r["compiled"]]
+    if compiled:
+        rows.append(dict(name=f"{tag}: compile seconds / graphs compiled per run",
+                         value=", ".join(f"{c['compile_s']:.0f} s / {c['graphs']}" for c in compiled)))
+    return rows
+
+
+def padding_rows(backbone: str = "runs/smollm2-135m") -> list:
+    """The share of the training batches' slots that are padding, per task, at the suite's recipe (batch 16,
+    length <= 64, the first 2,000 examples) and with all the training examples at a length that truncates at
+    most 5% of them: padding is compute spent on nothing, and the length-bucketed batches keep it small."""
+    ddir = report.default_data_dir()
+    tok_path = Path(backbone) / runs.TOKENIZER_FILE
+    if ddir is None or not tok_path.is_file():
+        return [dict(name="padding of the training batches", value="not measured: needs the GLUE files and "
+                     f"{tok_path}")]
+    tok = data.load_tokenizer(tok_path)
+    rows = []
+    for name in ("CoLA", "SST-2", "MRPC", "STS-B", "RTE"):
+        task = data.get_task(name)
+        ids, labels = data.encode_examples(tok, data.read_split(ddir, task, "train"), 10 ** 6)
+        lengths = np.array([len(x) for x in ids])
+        fit = int(np.percentile(lengths, 95))           # the length that truncates at most 5%
+        suite = data.BucketBatcher([x[:64] for x in ids[:2000]], labels[:2000], 16, shuffle=True)
+        whole = data.BucketBatcher([x[:fit] for x in ids], labels, 16, shuffle=True)
+        rows.append(dict(name=f"padding of the training batches, {name}: suite recipe / all examples at length {fit}",
+                         value=f"{100 * suite.padding_fraction():.1f}% / {100 * whole.padding_fraction():.1f}% "
+                               f"({100 * np.mean(lengths[:2000] > 64):.0f}% truncated at 64)", target=""))
+    return rows
 
 
 def run(quick: bool = False, out_path: Path | None = None) -> dict:
@@ -320,7 +454,7 @@ def run(quick: bool = False, out_path: Path | None = None) -> dict:
     t0 = time.time()
     rows = cpu_preset_rows(quick)
     if not quick:
-        rows += smollm2_rows()
+        rows += smollm2_rows() + padding_rows() + whole_run_rows()
     result = {"machine": runs.machine_description(), "commit": runs.git_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "quick": quick, "wall_s": round(time.time() - t0),
               "rows": rows}

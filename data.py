@@ -31,6 +31,7 @@ Every problem with the data raises DataError (a ValueError) with a single line s
 import hashlib
 import math
 import os
+import re
 import shutil
 import tempfile
 import urllib.error
@@ -466,7 +467,8 @@ def _senteval_rows(path: Path) -> list[list[str]]:
 # encode as ordinary bytes, so id 0 only ever means padding.
 #
 # Classification input:  ids(text_a) [<sep> ids(text_b)] <cls>
-# The model reads its prediction at <cls>, the last real token; batches are padded on the right.
+# The model reads its prediction at <cls>, the last real token; batches are padded on the right. (The other
+# readouts of readout.py drop the <cls>, or render the texts through a prompt template: encode_examples.)
 
 PAD, SEP, CLS, EOS = "<pad>", "<sep>", "<cls>", "<eos>"
 PAD_ID, SEP_ID, CLS_ID, EOS_ID = 0, 1, 2, 3
@@ -519,28 +521,85 @@ def _encode_texts(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
     return ids
 
 
-def encode_examples(tok: Tokenizer, examples: list[Example], max_len: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Token ids per example (int32 arrays, at most max_len long, <cls> last) and the labels
-    (int64 class indices, or float32 scores for regression)."""
+def encode_examples(tok: Tokenizer, examples: list[Example], max_len: int, readout: str = "cls",
+                    template: str | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Token ids per example (int32 arrays, at most max_len long) and the labels (int64 class indices, or
+    float32 scores for regression).
+
+    The layout depends on the readout (readout.py): `cls` and `cls-train`: text_a [<sep> text_b] <cls>;
+    `last`: text_a [<sep> text_b], read at the text's own last token; `prompt`: the texts rendered through
+    `template` (see _encode_prompted)."""
     if max_len < 3:
         raise DataError(f"max_len={max_len} is too small; it must leave room for <sep> and <cls> (at least 3)")
     if not examples:
         raise DataError("encode_examples got no examples")
+    if readout == "prompt":
+        return _encode_prompted(tok, examples, max_len, template), _labels(examples)
+    if readout not in ("cls", "cls-train", "last"):
+        raise DataError(f"encode_examples: unknown readout {readout!r}; see readout.READOUTS")
+    tail = [] if readout == "last" else [CLS_ID]
     ids_a = _encode_texts(tok, [ex.text_a for ex in examples])
     pairs = [i for i, ex in enumerate(examples) if ex.text_b is not None]
     ids_b = dict(zip(pairs, _encode_texts(tok, [examples[i].text_b for i in pairs])))
     sequences = []
     for i, a in enumerate(ids_a):
         if i not in ids_b:
-            seq = a[:max_len - 1] + [CLS_ID]
+            seq = a[:max_len - len(tail)] + tail
         else:
             b = ids_b[i]
-            n_a, n_b = _truncated_lengths(len(a), len(b), budget=max_len - 2)
-            seq = a[:n_a] + [SEP_ID] + b[:n_b] + [CLS_ID]
+            n_a, n_b = _truncated_lengths(len(a), len(b), budget=max_len - 1 - len(tail))
+            seq = a[:n_a] + [SEP_ID] + b[:n_b] + tail
+        if not seq:
+            raise DataError(f"the example of line {examples[i].line} has no tokens, so the last-token readout has "
+                            f"nothing to read; fix the row, or use --readout cls")
         sequences.append(np.array(seq, dtype=np.int32))
+    return sequences, _labels(examples)
+
+
+def _labels(examples: list[Example]) -> np.ndarray:
     is_float = any(isinstance(ex.label, float) for ex in examples)
-    labels = np.array([ex.label for ex in examples], dtype=np.float32 if is_float else np.int64)
-    return sequences, labels
+    return np.array([ex.label for ex in examples], dtype=np.float32 if is_float else np.int64)
+
+
+def _encode_prompted(tok: Tokenizer, examples: list[Example], max_len: int, template: str | None) -> list[np.ndarray]:
+    """The ids of each example rendered through a prompt template holding {a} (and {b} for pairs), e.g.
+    'Sentence 1: {a}\nSentence 2: {b}\nAnswer:'.
+
+    An example whose rendered string fits in max_len tokens is tokenized whole, exactly as the language model
+    would read the prompt. A longer one is truncated the way <sep> pairs are (longest text first): the
+    template's own text and the texts are tokenized apart, the texts cut, and the pieces joined, so that the
+    template's words, and its end, where the prediction is read, are always kept. (Apart, the tokens can
+    differ at a seam -- byte-level BPE may merge a text's final '.' with a following '"' -- so a space before
+    a placeholder at least goes with its text, ' it', as in the whole string.)"""
+    if not template or "{a}" not in template:
+        raise DataError(f"the prompt readout needs a template holding {{a}}, got {template!r}; see readout.PROMPTS")
+    parts = re.split(r"(\{a\}|\{b\})", template)         # literal, placeholder, literal, ...
+    literals, slots = parts[0::2], parts[1::2]
+    pair = "{b}" in slots
+    if any((ex.text_b is not None) != pair for ex in examples):
+        raise DataError(f"the prompt template {template!r} {'has' if pair else 'lacks'} a {{b}} but the "
+                        f"examples {'lack' if pair else 'have'} a second text; fix the template")
+    texts = lambda ex: {"{a}": ex.text_a, "{b}": ex.text_b}
+    whole = _encode_texts(tok, [literals[0] + "".join(texts(ex)[slot] + literals[k + 1] for k, slot in enumerate(slots))
+                                for ex in examples])
+    space = [lit.endswith(" ") for lit in literals[:-1]]   # the space before each placeholder
+    literals = [lit[:-1] if i < len(space) and space[i] else lit for i, lit in enumerate(literals)]
+    literal_ids = [_encode_texts(tok, [lit])[0] if lit else [] for lit in literals]
+    budget = max_len - sum(map(len, literal_ids))
+    if budget < len(slots):
+        raise DataError(f"max_len={max_len} is too small for the prompt template {template!r} "
+                        f"({sum(map(len, literal_ids))} tokens of its own); raise --max-len")
+    sequences = []
+    for ex, ids in zip(examples, whole):
+        if len(ids) > max_len:
+            pieces = {slot: _encode_texts(tok, [(" " if space[k] else "") + texts(ex)[slot]])[0]
+                      for k, slot in enumerate(slots)}
+            a, b = pieces["{a}"], pieces.get("{b}", [])
+            n_a, n_b = _truncated_lengths(len(a), len(b), budget) if pair else (min(len(a), budget), 0)
+            kept = {"{a}": a[:n_a], "{b}": b[:n_b]}
+            ids = literal_ids[0] + [t for k, slot in enumerate(slots) for t in kept[slot] + literal_ids[k + 1]]
+        sequences.append(np.array(ids, dtype=np.int32))
+    return sequences
 
 
 def _truncated_lengths(n_a: int, n_b: int, budget: int) -> tuple[int, int]:
@@ -557,13 +616,16 @@ def _truncated_lengths(n_a: int, n_b: int, budget: int) -> tuple[int, int]:
 
 
 def cached_encode(tok: Tokenizer, tokenizer_path, task, split: str, examples: list[Example], max_len: int,
-                  cache_dir) -> tuple[list[np.ndarray], np.ndarray]:
+                  cache_dir, readout: str = "cls", template: str | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """encode_examples, stored in <cache_dir>/<task>-<split>-<key>.npz so a split is tokenized only once.
-    The key hashes the tokenizer file, the examples (texts and labels) and max_len: any change re-encodes."""
+    The key hashes the tokenizer file, the examples (texts and labels), max_len, and the readout and its
+    template (but for the default readout, `cls`, whose key is the one it always had): any change re-encodes."""
     task = get_task(task)
     h = hashlib.sha256()
     h.update(Path(tokenizer_path).read_bytes())
     h.update(f"max_len={max_len}\n".encode())
+    if readout != "cls":
+        h.update(f"readout={readout}\ntemplate={template!r}\n".encode())
     for ex in examples:
         h.update(f"{ex.text_a}\t{ex.text_b}\t{ex.label}\n".encode())
     path = Path(cache_dir) / f"{task.name}-{split}-{h.hexdigest()[:16]}.npz"
@@ -574,7 +636,7 @@ def cached_encode(tok: Tokenizer, tokenizer_path, task, split: str, examples: li
             return np.split(flat, offsets[1:-1]), labels
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass                                            # an unreadable cache file is rebuilt
-    ids, labels = encode_examples(tok, examples, max_len)
+    ids, labels = encode_examples(tok, examples, max_len, readout, template)
     offsets = np.cumsum([0] + [len(x) for x in ids])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -649,6 +711,16 @@ class BucketBatcher:
             for row, i in enumerate(b):
                 idx[row, :self.lengths[i]] = self.ids[i]
             yield torch.from_numpy(idx), torch.from_numpy(self.labels[b])
+
+    def padding_fraction(self, epochs: int = 1) -> float:
+        """The share of the batch slots (B x T of every batch) that are padding, over epochs 0 .. epochs-1:
+        compute spent on nothing. Counted from the lengths alone, without building a batch."""
+        slots = real = 0
+        for epoch in range(epochs):
+            for b in self._batches(epoch):
+                slots += len(b) * int(self.lengths[b].max())
+                real += int(self.lengths[b].sum())
+        return 1.0 - real / slots
 
 
 # Language modeling: the stream is cut into non-overlapping windows of block_size + 1 tokens (x is the first

@@ -339,7 +339,10 @@ class LoRALinear(nn.Module):
         coef = self.static_coefficients()
         if coef is not None:
             A = A * coef[:, None]                            # (r, d_in) * (r, 1) -> (r, d_in)
-        return self.scaling * (self.lora_B @ A)              # (d_out, r) @ (r, d_in) -> (d_out, d_in)
+        # In the weights' own precision even inside a bf16 autocast block: a merged weight must not depend on
+        # the precision the forward passes happened to run in.
+        with torch.autocast(A.device.type, enabled=False):
+            return self.scaling * (self.lora_B @ A)          # (d_out, r) @ (r, d_in) -> (d_out, d_in)
 
     @torch.no_grad()
     def merge(self):
@@ -829,7 +832,7 @@ class RankGate(nn.Module):
         attached to the autograd graph; regularization_loss() reads and clears it. Each forward pass
         overwrites it, so call regularization_loss after each forward pass whose loss you backpropagate.
         """
-        per_component = g.reshape(-1, self.r).mean(0)            # (..., r) -> (N, r) -> (r,)
+        per_component = g.reshape(-1, self.r).float().mean(0)    # (..., r) -> (N, r) -> (r,), in fp32 under autocast
         if mask is not None:
             # A switched-off component does nothing, so its gate is neither penalised nor counted.
             self.last_mean = (per_component * mask).sum() / self.r

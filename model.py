@@ -360,13 +360,16 @@ class GPT(nn.Module):
             for residual_out in (block.attn.o_proj, mlp_out):
                 nn.init.normal_(residual_out.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """The final normalised hidden states: (B, T) token ids -> (B, T, n_embd)."""
+    def hidden_states(self, idx: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normalised hidden states: (B, T) token ids -> (B, T, n_embd); extra (B, T, n_embd), when
+        given, is added to the token embeddings (the classifier's trainable <cls> row, readout.py)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
                              f"truncate inputs (e.g. --max-len) or use a config with a larger block_size")
         x = self.wte(idx)                                        # (B, T) -> (B, T, d)
+        if extra is not None:
+            x = x + extra                                        # (B, T, d) + (B, T, d)
         if self.wpe is not None:
             pos = torch.arange(T, device=idx.device)             # (T,)
             x = x + self.wpe(pos)                                # (B, T, d) + (T, d) -> (B, T, d)
@@ -402,7 +405,7 @@ class GPTClassifier(nn.Module):
 
     Pooling. A causal model's last position is the only one that has seen the whole input, so GPT
     (Radford et al. 2018) classifies from the hidden state of the final token -- here an explicit <cls>
-    token that data.py appends. Batches are right-padded: pads come *after* the real tokens, and since
+    token that data.py appends (by default; readout.py has the other choices). Batches are right-padded: pads come *after* the real tokens, and since
     attention is causal, no real position ever attends to a pad. The pooled position is therefore
     (number of non-pad tokens) - 1 in each row, and padding changes nothing about the result.
 
@@ -421,6 +424,9 @@ class GPTClassifier(nn.Module):
         # A small head init keeps the initial predictions near zero, as for the other projections.
         nn.init.normal_(self.head.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.head.bias)
+        # None, or a module idx (B, T) -> (B, T, d) added to the token embeddings: readout.TokenRow, the
+        # trainable <cls> row of the cls-train readout (the readouts, where the prediction is read, are in readout.py).
+        self.cls_row = None
 
     def pool(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Hidden state of the last non-pad token of each row: (B, T, d), (B, T) -> (B, d)."""
@@ -431,7 +437,8 @@ class GPTClassifier(nn.Module):
         return h[torch.arange(h.size(0), device=h.device), last]  # (B, T, d) -> (B, d)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        h = self.gpt.hidden_states(idx)                          # (B, T) -> (B, T, d)
+        extra = self.cls_row(idx) if self.cls_row is not None else None
+        h = self.gpt.hidden_states(idx, extra)                   # (B, T) -> (B, T, d)
         logits = self.head(self.pool(h, idx))                    # (B, d) @ (d, k) -> (B, k)
         loss = None
         if targets is not None:

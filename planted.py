@@ -49,6 +49,7 @@ import data
 import dynlora
 import plots
 import runs
+import runtime
 from model import GPT, preset
 
 
@@ -96,6 +97,7 @@ class PlantedConfig:
     out_dir: str = "runs/planted"                       # folder for the tokenizer cache, the plots and the summary
     results_dir: str = "results"                        # folder whose planted.jsonl gets one line per (scenario, method, seed)
     threads: int = field(default=1, metadata=_bounds(0))  # CPU threads (0 = PyTorch's default)
+    precision: str = "fp32"                             # the students' training forward passes: fp32 | bf16 (autocast) | auto (runtime.select_precision); scoring stays fp32
 
     def __post_init__(self):
         for f in fields(self):                           # the bounds in each field's metadata, as train.check_config
@@ -120,6 +122,7 @@ class PlantedConfig:
             raise ValueError(f"scenario input splits the k = --rank components into two halves; use an even --rank, "
                              f"got {self.rank}")
         self.adapter_overrides()                         # raises on a malformed --adapter
+        self.resolved_precision = runtime.select_precision(self.precision, torch.device("cpu"))   # fp16: one line
 
     @property
     def scenario_list(self) -> list[str]:
@@ -151,8 +154,11 @@ class PlantedConfig:
 
     def result_settings(self) -> dict:
         """The settings a result depends on (not which scenarios, methods or seeds are run, nor where to)."""
-        skip = {"scenarios", "methods", "seeds", "out_dir", "results_dir", "threads"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        skip = {"scenarios", "methods", "seeds", "out_dir", "results_dir", "threads", "precision"}
+        settings = {k: v for k, v in asdict(self).items() if k not in skip}
+        if self.resolved_precision != "fp32":    # fp32 results, made before the setting existed, keep their ids
+            settings["precision"] = self.resolved_precision
+        return settings
 
 
 def planted_ranks(cfg: PlantedConfig, scenario: str, n_layers: int) -> list[int]:
@@ -422,6 +428,7 @@ def train_student(base: GPT, method: str, cfg: PlantedConfig, seed: int, train_i
     mechanism on purpose)."""
     student = copy.deepcopy(base)
     acfg = student_config(cfg, method)
+    rt = runtime.Runtime(torch.device("cpu"), cfg.resolved_precision)
     torch.manual_seed(7919 * seed + 1)
     dynlora.apply_lora(student, acfg, gate_class)
     if after_apply is not None:
@@ -443,9 +450,11 @@ def train_student(base: GPT, method: str, cfg: PlantedConfig, seed: int, train_i
         for group in opt.param_groups:
             group["lr"] = cfg.lr * scale * group["lr_mult"]
         b = torch.from_numpy(rng.choice(len(train_idx), size=min(cfg.batch_size, len(train_idx)), replace=False))
-        h = student.hidden_states(train_idx[b])
-        distil = (h - train_target[b]).square().sum(-1).mean() / denominator
-        loss = distil + dynlora.regularization_loss(student)
+        with rt.autocast():                                  # matmuls in bf16 with --precision bf16
+            h = student.hidden_states(train_idx[b])
+            reg = dynlora.regularization_loss(student)
+        distil = (h.float() - train_target[b]).square().sum(-1).mean() / denominator    # the loss in fp32
+        loss = distil + reg
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -671,6 +680,8 @@ def run_benchmark(cfg: PlantedConfig) -> list[dict]:
     table in out_dir. Returns the result lines of this configuration."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    print("planted: students train in " + runtime.precision_note(cfg.precision, cfg.resolved_precision,
+                                                                 torch.device("cpu")))
     path = results_file(cfg)
     done = {r.get("run_id") for r in runs.load_jsonl(path)}
     folder = backbone_folder(cfg)

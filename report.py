@@ -227,19 +227,32 @@ def _majority_row(tasks, majority) -> str:
     return "| majority class | " + " | ".join(cells) + f" | {avg} | — | — | — |"
 
 
-def score_table(rows, tasks, methods, majority, labels) -> list:
+def _zero_shot_row(tasks, zero_shot: dict) -> str:
+    cells = [_points(100 * zero_shot[t]) if t in zero_shot else "—" for t in tasks]
+    avg = _points(100 * np.mean([zero_shot[t] for t in tasks])) if all(t in zero_shot for t in tasks) else "—"
+    return "| zero-shot (prompt, no training) | " + " | ".join(cells) + f" | {avg} | 0 | — | — |"
+
+
+def score_table(rows, tasks, methods, majority, labels, zero_shot: dict | None = None) -> list:
+    """The methods' mean scores, the majority-class row, and with zero_shot ({task: score} of the backbone's
+    zero-shot lines, see zero_shot_scores) the zero-shot row."""
     common = wall_tasks(rows, tasks, methods)
     over = ", ".join(common) if common else "none: no task has a run of every method"
     lines = ["| method | " + " | ".join(labels[t] for t in tasks) + " | avg | trainable params "
              "| active adapter params (final model) | wall (min per run) |", "|---" * (len(tasks) + 5) + "|"]
     lines += [_score_row(rows, m, tasks, common) for m in methods]
     lines.append(_majority_row(tasks, majority))
+    if zero_shot:
+        lines.append(_zero_shot_row(tasks, zero_shot))
     notes = [f"Wall: minutes per run, the mean over the tasks every method here has run ({over}) of each "
              "task's mean, so that every method is timed on the same work.",
              "Majority class: the dev score of always predicting the most frequent class of the task's whole "
              "training split, also where a suite trains on part of it (for STS-B a "
              "constant, whose correlation is 0: chance; CoLA's MCC of a constant is 0); — where the GLUE "
              "files were not found."]
+    if zero_shot:
+        notes.append("Zero-shot: the same backbone with no training, each task's prompt (`readout.PROMPTS`) read "
+                     "through the LM head's label words, on the whole dev set (`python train.py zeroshot`).")
     if any("†" in labels[t] for t in tasks):
         notes.append("† No method's mean score beats the majority class: the task is uninformative here.")
     return lines + [""] + notes
@@ -434,10 +447,24 @@ def suite_of(record: dict) -> str:
     return record.get("suite") or "default"
 
 
+ZERO_SHOT = "zero-shot"     # the method of `train.py zeroshot`'s lines: a row of every table on its backbone
+
+
+def zero_shot_scores(results: list, rows: list) -> dict:
+    """{task: score} of the zero-shot lines (no training, no seeds) on the backbone of a suite's runs `rows`:
+    the backbone folder of the same name (a hash may differ between two imports of the same weights)."""
+    folders = {Path(r["backbone"]).name for r in rows if r.get("backbone")}
+    return {r["task"]: r["last_score"] for r in results
+            if r.get("method") == ZERO_SHOT and Path(r.get("backbone") or "").name in folders}
+
+
 def split_suites(results: list) -> dict:
     """{suite: its result lines}, the pretrained backbone's suites first ("smollm2", then its variants; see
     pretrained_suite), whose tasks can tell methods apart, then the others by name; suite_of names a record's
-    suite."""
+    suite. Only runs scored on dev: a line scored on held-out training data ("split": "validation", a tuning
+    trial of tune.py) is left out, so no table mixes the two."""
+    results = [r for r in results if r.get("split", "dev") == "dev"]
+    results = [r for r in results if r.get("method") != ZERO_SHOT]   # a row of the tables (zero_shot_scores)
     names = sorted({suite_of(r) for r in results}, key=lambda s: (not pretrained_suite(s), s))
     return {s: [r for r in results if suite_of(r) == s] for s in names}
 
@@ -452,13 +479,13 @@ def suite_columns(rows: list, data_dir) -> tuple[list, list, dict, set]:
     return tasks, methods, majority, uninformative(rows, tasks, methods, majority)
 
 
-def render_suite(suite: str, rows: list, data_dir, gates: list = ()) -> str:
-    """One suite's tables; gates: the suite's records of `train.py gates`."""
+def render_suite(suite: str, rows: list, data_dir, gates: list = (), zero_shot: dict | None = None) -> str:
+    """One suite's tables; gates: the suite's records of `train.py gates`; zero_shot: {task: zero-shot score}."""
     tasks, methods, majority, weak = suite_columns(rows, data_dir)
     labels = {t: t + ("†" if t in weak else "") for t in tasks}
     lines = [f"**Suite `{suite or 'default'}`** — GLUE dev score x 100 of the model at the end of training "
              f"(mean ± std over seeds, n = seeds), trainable parameters, wall time per run.\n"]
-    for table in (score_table(rows, tasks, methods, majority, labels), paired_table(rows, tasks, methods, labels),
+    for table in (score_table(rows, tasks, methods, majority, labels, zero_shot), paired_table(rows, tasks, methods, labels),
                   merged_cost_table(rows, tasks, methods, labels), rank_table(rows, tasks, methods, labels),
                   gates_table(list(gates), tasks, labels), allocation_table(rows, tasks, methods, labels)):
         if table:
@@ -479,7 +506,9 @@ def render_report(results: list, bench: dict | None = None, data_dir=None, gates
     """
     data_dir = default_data_dir() if data_dir is None else Path(data_dir)
     suites = split_suites(results)
-    parts = [render_suite(s, rows, data_dir, [g for g in gates if suite_of(g) == s]) for s, rows in suites.items()]
+    parts = [render_suite(s, rows, data_dir, [g for g in gates if suite_of(g) == s],
+                          zero_shot_scores(results, rows) if pretrained_suite(s) else None)
+             for s, rows in suites.items()]
     cross = cross_suite_table(suites)
     if cross:                                   # after the pretrained backbone's suites, which it compares
         parts.insert(sum(map(pretrained_suite, suites)), "\n".join(cross) + "\n")

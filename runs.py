@@ -40,6 +40,8 @@ import torch.nn as nn
 
 import data
 import dynlora
+import readout as readout_mod
+import runtime
 from model import GPTClassifier, GPTConfig
 
 REPO = Path(__file__).resolve().parent
@@ -149,7 +151,9 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    bf16 = "native bf16" if runtime.cpu_native_bf16() else "no native bf16"
+    return f"{cpu} ({torch.backends.cpu.get_cpu_capability()}, {bf16}), {torch.get_num_threads()} threads, " \
+           f"torch {torch.__version__}"
 
 
 def memory_bytes(key: str = "VmHWM") -> int:
@@ -348,8 +352,11 @@ def load_backbone(folder) -> tuple[GPTConfig, dict, "data.Tokenizer", Path]:
     return config, ckpt["model"], tok, tok_path
 
 
-def build_classifier(config: GPTConfig, backbone_state: dict | None, num_outputs: int) -> GPTClassifier:
-    """A GPTClassifier whose body is the pretrained GPT (when given) and whose head is new."""
+def build_classifier(config: GPTConfig, backbone_state: dict | None, num_outputs: int, readout: str = "cls",
+                     task=None, tok=None) -> GPTClassifier:
+    """A GPTClassifier whose body is the pretrained GPT (when given) and whose head is new, with what its
+    readout needs (readout.attach: the trainable <cls> row; for `prompt` the head from the label words,
+    which needs the task and the tokenizer)."""
     clf = GPTClassifier(config, num_outputs)
     if backbone_state is not None:
         try:
@@ -358,7 +365,7 @@ def build_classifier(config: GPTConfig, backbone_state: dict | None, num_outputs
             first = str(err).strip().splitlines()[1:2] or [str(err)]
             raise ValueError(f"the backbone checkpoint does not fit its config ({first[0].strip()}); "
                              f"was it saved by another version of model.py?") from None
-    return clf
+    return readout_mod.attach(clf, readout, task, tok)
 
 
 def training_weights(model: GPTClassifier, method: str) -> dict:
@@ -377,7 +384,7 @@ def load_training_weights(model: GPTClassifier, weights: dict, method: str, path
 def save_finetuned(out: Path, model: GPTClassifier, method: str, adapter_cfg, meta: dict, allocator=None):
     """A fine-tuned model: the whole state dict in model.pt (full) or the adapter file adapter.pt.
 
-    meta: task, method, num_outputs, backbone (the folder it was trained on), tokenizer_sha256.
+    meta: task, method, num_outputs, backbone (the folder it was trained on), tokenizer_sha256, readout.
     """
     out = Path(out)
     if method == "full":
@@ -416,29 +423,37 @@ def load_finetuned(run_dir, backbone: str | None = None) -> tuple[GPTClassifier,
     """(model, tokenizer, meta) of a run folder written by finetune; the model in eval mode.
 
     Every file is read once, safely (read_torch_file). The run is what its config.json says: meta["task"] is
-    config.json's task, and a model file that names another task (files of two runs mixed) is an error.
+    config.json's task, and a model file that names another task (files of two runs mixed) is an error. So is
+    its readout (config.json's finetune.readout; a run saved before --readout existed read `cls`).
     """
     run = Path(run_dir)
     tok_path = run / TOKENIZER_FILE
-    task = read_run_config(run)["task"]
+    run_config = read_run_config(run)
+    task, readout = run_config["task"], run_config["finetune"].get("readout", "cls")
+    readout_mod.check(readout)
     meta_keys = ("task", "num_outputs", "tokenizer_sha256")
     if (run / "model.pt").is_file():
         path = run / "model.pt"
         meta = read_torch_file(path, FINETUNED_FIX, keys=("config", "model", *meta_keys))
-        model = GPTClassifier(GPTConfig.from_dict(meta["config"]), meta["num_outputs"])
+        model = readout_mod.attach(GPTClassifier(GPTConfig.from_dict(meta["config"]), meta["num_outputs"]),
+                                   "cls" if readout == "prompt" else readout)   # the head is loaded below
         model.load_state_dict(meta["model"])
     elif (run / "adapter.pt").is_file():
         path = run / "adapter.pt"
         payload = read_torch_file(path, FINETUNED_FIX, keys=("extra",))
         meta = payload["extra"]
         config, backbone_state, _, _ = load_backbone(backbone or meta["backbone"])
-        model = build_classifier(config, backbone_state, meta["num_outputs"])
+        model = build_classifier(config, backbone_state, meta["num_outputs"],
+                                 "cls" if readout == "prompt" else readout)     # the adapter file holds the head
         dynlora.load_adapter(path, model, payload=payload)
     else:
         raise FileNotFoundError(f"--run {run}: neither model.pt nor adapter.pt there; is it a finetune run folder?")
     if meta["task"] != task:
         raise ValueError(f"{path} is a model for {meta['task']}, but {run / 'config.json'} says the run is "
                          f"{task}: the files of two runs were mixed; put the run's own model file back")
+    if meta.get("readout", readout) != readout:
+        raise ValueError(f"{path} is a model with readout {meta['readout']}, but {run / 'config.json'} says "
+                         f"{readout}: the files of two runs were mixed; put the run's own model file back")
     tok = data.load_tokenizer(tok_path)
     if file_sha256(tok_path) != meta["tokenizer_sha256"]:
         raise ValueError(f"{tok_path} is not the tokenizer this model was trained with; restore the run's "

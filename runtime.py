@@ -12,15 +12,15 @@ that depends on the machine, so the training loops read the same on a laptop CPU
 
 What this file holds, in order:
   1. Devices and precision -- select_device (auto: cuda > mps > cpu), select_precision (bf16 autocast on
-                              CUDA, fp16 + a gradient scaler where the GPU has no bf16, fp32 elsewhere;
-                              bf16 on a CPU when asked for).
+                              CUDA and on CPUs that compute bf16 natively, fp16 + a gradient scaler where
+                              the GPU has no bf16, fp32 elsewhere), precision_note (the choice, in a line).
   2. Processes             -- start() reads the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
                               MASTER_ADDR, MASTER_PORT) and joins the process group (gloo on CPU, nccl on
                               CUDA) with a timeout; the Runtime's collectives (barrier, sums, gathers).
   3. Sharing the work      -- split_batch: the rows of one global batch that this rank computes, in each
                               gradient-accumulation micro-step (training); share: the whole batches this
                               rank scores (evaluation).
-  4. Wrapping the model    -- wrap (torch.compile, DistributedDataParallel), unwrap, no_sync.
+  4. Wrapping the model    -- wrap (torch.compile where it can run, DistributedDataParallel), unwrap, no_sync.
 
 Data parallelism in one paragraph. Every process (rank) holds the whole model and the same batch list.
 Each optimizer step takes one global batch of --batch-size examples; it is cut into world_size x grad_accum
@@ -82,20 +82,38 @@ def select_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware: AVX512-BF16 (AMD Zen 4 and later, Intel Cooper
+    Lake and later) or AMX tiles (Intel Sapphire Rapids and later), as PyTorch's own CPU feature checks see it.
+
+    There oneDNN's bf16 matmuls run at about twice the fp32 rate (half the bytes per number, twice the numbers
+    per vector instruction). Elsewhere (AVX2-only or plain AVX-512 CPUs) oneDNN emulates bf16 by converting
+    to fp32 and back, which is slower than fp32 itself -- so bf16 is chosen only where the hardware has it.
+    """
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
 def select_precision(name: str, device: torch.device) -> str:
     """fp32, bf16 or fp16 for --precision on this device.
 
     auto: bf16 autocast on CUDA GPUs that support it (Ampere and later), else fp16 with a gradient scaler
     (fp16's narrow exponent range lets small gradients underflow to zero unless the loss is scaled up
-    first), and fp32 on CPU and MPS. bf16 may also be asked for on a CPU (fast on CPUs with bf16 matmul
-    units). In every case the weights and the optimizer state stay fp32: autocast runs the matmuls in the
-    lower precision and keeps reductions such as softmax, LayerNorm and the loss in fp32.
+    first); bf16 autocast on a CPU that computes bf16 natively (cpu_native_bf16); fp32 on other CPUs and on
+    MPS. An explicit value is obeyed where it can run at all: bf16 on a CPU without native bf16 runs,
+    emulated and slowly (precision_note says so). In every case the weights, the gradients, the optimizer
+    state, the adapters' A and B, the gates' parameters and the allocator's scores stay fp32: autocast runs
+    the matmuls (and convolutions) in the lower precision and keeps reductions such as softmax, the norms and
+    the loss in fp32; the metrics are computed from fp32 copies of the outputs.
     """
     if name not in PRECISIONS:
         raise ValueError(f"--precision {name!r} is not known; choose one of {list(PRECISIONS)}")
     on_cuda = device.type == "cuda"
     if name == "auto":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_cuda else "fp32"
+        if on_cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device.type == "cpu" and cpu_native_bf16() else "fp32"
     if name == "fp16" and not on_cuda:
         raise ValueError(f"--precision fp16 needs a CUDA device (this run is on {device.type}); "
                          f"use --precision fp32 (or auto)")
@@ -104,6 +122,20 @@ def select_precision(name: str, device: torch.device) -> str:
     if name == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
         raise ValueError("--precision bf16: this GPU has no bf16 support; use --precision fp16 (or auto)")
     return name
+
+
+def precision_note(asked: str, chosen: str, device: torch.device) -> str:
+    """One line saying which precision a run uses and why, printed at the start of every run."""
+    how = {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + gradient scaler"}[chosen]
+    if device.type != "cpu":
+        return f"precision {how} (--precision {asked} on {device.type})"
+    isa = torch.backends.cpu.get_cpu_capability()
+    native = cpu_native_bf16()
+    if chosen == "bf16" and not native:
+        return (f"precision bf16 autocast, EMULATED: this CPU ({isa}) has no native bf16 matmul, so bf16 runs many "
+                f"times slower than fp32 here; use --precision auto (fp32 on this CPU)")
+    why = "this CPU computes bf16 natively" if native else "this CPU has no native bf16"
+    return f"precision {how} (--precision {asked}; {why}, {isa})"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,8 +320,43 @@ def wrap(model: nn.Module, rt: Runtime, compile: bool = False) -> nn.Module:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         out = DistributedDataParallel(out, device_ids=ids, forward_sync_buffers=False)
     if compile:
-        out = torch.compile(out)
+        why_not = compile_unavailable(rt.device)
+        if why_not:
+            rt.print(f"--compile: torch.compile cannot run here ({why_not}); training eagerly instead")
+        else:
+            out = torch.compile(out)
     return out
+
+
+_COMPILE_PROBES: dict = {}
+
+
+def compile_unavailable(device: torch.device) -> str:
+    """'' where torch.compile works on this device, else why not, in a few words.
+
+    torch.compile is lazy: a missing C++ compiler (inductor builds its CPU kernels with one) or an unsupported
+    platform shows up only at the first call, in the middle of the first training step. So a tiny function
+    with a backward pass is compiled first, once per process and device, and a failure means eager mode.
+    """
+    key = str(device)
+    if key not in _COMPILE_PROBES:
+        try:
+            x = torch.ones(4, device=device, requires_grad=True)
+            torch.compile(lambda t: (t * t).sum())(x).backward()
+            _COMPILE_PROBES[key] = ""
+        except Exception as err:               # dynamo / inductor errors have no common public base class
+            first = (str(err).strip().splitlines() or [""])[0][:120]
+            _COMPILE_PROBES[key] = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    return _COMPILE_PROBES[key]
+
+
+def compile_stats() -> dict:
+    """torch.compile's work so far in this process: graphs compiled (a new input shape that the compiled code's
+    guards reject costs one more, until dynamo marks the varying length dynamic) and the seconds spent
+    compiling them. Take the difference of two calls to see one run's share."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "compile_s": float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -12,6 +12,9 @@ train.py -- what a run does: pretrain a GPT, fine-tune it on GLUE, evaluate it; 
     python train.py import [--from F] [--out-dir O]         # a GGUF file or a Hugging Face folder (GPT-2, Llama)
                                                             # as a backbone folder; default: SmolLM2-135M-Instruct
     python train.py planted [--scenarios S] [--seeds 5]     # the known-answer benchmark (planted.py)
+    python train.py zeroshot [--tasks T] [--backbone B]     # the backbone with no training, prompted (zeroshot.py)
+    python train.py tune --tasks T --methods M --grid G     # choose each method's setting on held-out train data (tune.py)
+    python train.py finetune ... --from-tune results/tune.jsonl   # ... and train at the chosen setting
 
     torchrun --nproc_per_node=N train.py finetune ...       # the same command on N processes (DDP)
     python train.py finetune ... --resume                   # continue a killed run from its checkpoint.pt
@@ -63,9 +66,12 @@ import imports
 import model as gptmodel
 import planted
 import plots
+import readout
 import report
 import runs
 import runtime
+import tune
+import zeroshot
 from model import GPT, GPTClassifier, GPTConfig
 
 
@@ -134,17 +140,20 @@ class FinetuneConfig:
     grad_clip: float = field(default=1.0, metadata=bounds(0))                  # clip the global gradient norm to this (0 = off)
     max_len: int = field(default=128, metadata=bounds(0, low_open=True))       # longest input in tokens; longer pairs are truncated, longest text first
     max_train: int = field(default=0, metadata=bounds(0))                      # use only the first N training examples (0 = all), for quick trials
+    readout: str = "cls"                                # where the prediction is read: cls | last | cls-train | prompt (readout.py)
     seed: int = field(default=0, metadata=bounds(0, SEED_MAX))                 # random seed (initialisation of new weights, dropout, batch order)
     threads: int = field(default=0, metadata=bounds(0))                        # CPU threads (0 = PyTorch's default)
     suite: str = ""                                     # the suite of record this run belongs to (a table in the README); '' = an ad-hoc run
     results_dir: str = ""                               # folder whose finetune.jsonl gets the run's result ('' = results/ for a --suite, else runs/results/)
+    val_fraction: float = field(default=0.0, metadata=bounds(0, 1, high_open=True))   # hold out this fixed part of the TRAIN split and score it instead of dev, which is then never read (0 = off; tune.py)
+    from_tune: str = ""                                 # a tune.jsonl: apply its chosen setting for this task, method and backbone (tune.py)
 
 
 @dataclass
 class SystemConfig:
     device: str = "auto"                                # auto | cpu | cuda | mps (auto: cuda if present, else mps, else cpu)
-    precision: str = "auto"                             # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp16 without bf16, fp32 on CPU)
-    compile: bool = False                               # torch.compile the training step (slow start, faster steps on a GPU)
+    precision: str = "auto"                             # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA and on CPUs with native bf16, fp16 on GPUs without bf16, else fp32)
+    compile: bool = False                               # torch.compile the training step (minutes to compile; eager where the compiler cannot run)
     grad_accum: int = field(default=1, metadata=bounds(1))                     # micro-steps per optimizer step; --batch-size stays the global batch
     save_every: int = field(default=0, metadata=bounds(0))                     # also checkpoint every N optimizer steps (0 = only at epoch ends / evaluations)
     resume: bool = False                                # continue the run in the run folder from its checkpoint.pt
@@ -153,7 +162,7 @@ class SystemConfig:
 
 # FinetuneConfig / PretrainConfig fields that may differ when a run is resumed: where things are, where the
 # result goes, how many threads. Every other field shapes the training and must match the checkpoint's.
-RESUME_MAY_CHANGE = {"data_dir", "out_dir", "threads", "suite", "results_dir"}
+RESUME_MAY_CHANGE = {"data_dir", "out_dir", "threads", "suite", "results_dir", "from_tune"}
 
 # Flag names of dynlora.AdapterConfig's fields: the five LoRA fields whose bare names would be ambiguous next
 # to the fine-tuning flags get a "lora-" prefix (--lora-r, --lora-alpha, --lora-dropout, --lora-targets,
@@ -179,15 +188,16 @@ def field_comments(cls) -> dict:
     return comments
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, rename: dict | None = None, only_if_given: bool = False):
-    """Add one --flag per dataclass field: its name, type and default come from the field, its help from
-    the field's comment.
+def add_config_args(parser: argparse.ArgumentParser, cls, rename: dict | None = None, only_if_given: bool = False,
+                    skip: set = frozenset()):
+    """Add one --flag per dataclass field (but those in skip): its name, type and default come from the
+    field, its help from the field's comment.
 
     With only_if_given, a flag the user does not pass is left out of the parsed namespace, so that a preset
     (such as a method's adapter settings) can supply its own value for it.
     """
     comments = field_comments(cls)
-    for f in fields(cls):
+    for f in (f for f in fields(cls) if f.name not in skip):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = comments.get(f.name, "") + f" (default: {default})"
         kw = dict(dest=f.name, help=help_text, default=argparse.SUPPRESS if only_if_given else default)
@@ -388,6 +398,7 @@ def start_run(system: SystemConfig, batch_size: int, seed: int, threads: int) ->
     check_config(system)
     set_threads(threads)
     rt = runtime.start(system.device, system.precision, system.dist_timeout)
+    rt.print(runtime.precision_note(system.precision, rt.precision, rt.device))
     check_system(system, batch_size, rt)
     seed_everything(seed)
     return rt
@@ -624,7 +635,8 @@ class RunData:
     """A fine-tuning run's data, tokenized and batched."""
     train_examples: int                     # training examples used (after --max-train)
     train: data.BucketBatcher               # the training batches, shuffled by the run's seed
-    dev: dict                               # dev split name -> BucketBatcher, sorted by length
+    dev: dict                               # dev split name -> BucketBatcher, sorted by length ("validation" with --val-fraction)
+    held_out: int = 0                       # training examples held out as the validation set (--val-fraction)
 
 
 def cache_dir(backbone: str, run_dir: Path) -> Path:
@@ -634,22 +646,32 @@ def cache_dir(backbone: str, run_dir: Path) -> Path:
 
 
 def build_run_data(task: data.TaskSpec, data_dir: Path, tok, tok_path: Path, cache: Path, max_len: int,
-                   batch_size: int, seed: int, max_train: int, rt: runtime.Runtime) -> RunData:
+                   batch_size: int, seed: int, max_train: int, rt: runtime.Runtime, readout_name: str = "cls",
+                   val_fraction: float = 0.0) -> RunData:
     """Tokenize (through the cache) and batch a run's train and dev splits: the one place finetune, eval and
     export build their data, so the calibration batches of a merged export are exactly finetune's.
 
+    With val_fraction > 0 a fixed part of the TRAIN split (tune.validation_split: the same for every seed and
+    method) is scored in place of dev, whose files are then never read; --max-train applies to the rest.
     The training batches are global batches: every process builds the same ones and computes its share of
     each (train_step); evaluation shares out whole batches (predict).
     """
+    splits = ("train",) if val_fraction else ("train", *task.dev_files)
     with rt.main_first():                                                # rank 0 fills the cache
         encoded = {split: data.cached_encode(tok, tok_path, task, split, data.read_split(data_dir, task, split),
-                                             max_len, cache) for split in ("train", *task.dev_files)}
+                                             max_len, cache, readout_name, readout.template_of(task, readout_name))
+                   for split in splits}
     train_ids, train_labels = encoded.pop("train")
+    held = []
+    if val_fraction:
+        keep, held = tune.validation_split(len(train_ids), val_fraction, batch_size, task.name)
+        encoded = {tune.VALIDATION: ([train_ids[i] for i in held], train_labels[held])}
+        train_ids, train_labels = [train_ids[i] for i in keep], train_labels[keep]
     if max_train:
         train_ids, train_labels = train_ids[:max_train], train_labels[:max_train]
     return RunData(len(train_ids), data.BucketBatcher(train_ids, train_labels, batch_size, shuffle=True, seed=seed),
                    {split: data.BucketBatcher(ids, labels, 2 * batch_size, shuffle=False)
-                    for split, (ids, labels) in encoded.items()})
+                    for split, (ids, labels) in encoded.items()}, held_out=len(held))
 
 
 @dataclass
@@ -673,6 +695,7 @@ class FinetuneRun:
     log: runs.RunLog                        # the run's state and metrics.jsonl
     counts: tuple                           # (trainable, total) parameters
     saved_step: int | None = None           # the step of the last checkpoint written or resumed from
+    compiled: dict | None = None            # torch.compile's graphs and compile seconds in this attempt (None: eager)
 
 
 def finetune(cfg: FinetuneConfig, adapter_overrides: dict | None = None, system: SystemConfig | None = None) -> dict:
@@ -688,7 +711,8 @@ def finetune(cfg: FinetuneConfig, adapter_overrides: dict | None = None, system:
     of the batches, are summed over the processes (sum_gate_statistics).
     """
     system = system or SystemConfig()
-    run = setup_finetune(cfg, adapter_overrides or {}, system)
+    cfg, adapter_overrides = tune.apply_choice(cfg, adapter_overrides or {}, lambda k: flag(k, FLAG_NAMES))
+    run = setup_finetune(cfg, adapter_overrides, system)
     wall = finetune_epochs(run, system)
     return finish_finetune(run, wall)
 
@@ -740,7 +764,8 @@ def setup_finetune(cfg: FinetuneConfig, overrides: dict, system: SystemConfig) -
     the allocator; resume from the checkpoint when asked."""
     check_config(cfg)
     task = data.get_task(cfg.task)
-    adapter_cfg = adapter_config_of(cfg, overrides)
+    readout.check(cfg.readout, task)
+    adapter_cfg = readout.adapter_config(adapter_config_of(cfg, overrides), cfg.readout)
     out = Path(cfg.out_dir or runs.REPO / "runs" / run_name(cfg))
     runs.check_output_folder(out, "--out-dir")                          # every place the run writes, checked
     runs.check_results_folder(runs.results_folder(cfg.results_dir, cfg.suite))   # before its first step
@@ -755,8 +780,8 @@ def setup_finetune(cfg: FinetuneConfig, overrides: dict, system: SystemConfig) -
         raise ValueError(f"--max-len {cfg.max_len} exceeds the backbone's block_size {config.block_size}; "
                          f"use --max-len {config.block_size} or less")
     run_data = build_run_data(task, data_dir, tok, tok_path, cache_dir(cfg.backbone, out), cfg.max_len,
-                              cfg.batch_size, cfg.seed, cfg.max_train, rt)
-    model = runs.build_classifier(config, backbone_state, task.num_outputs)
+                              cfg.batch_size, cfg.seed, cfg.max_train, rt, cfg.readout, cfg.val_fraction)
+    model = runs.build_classifier(config, backbone_state, task.num_outputs, cfg.readout, task, tok)
     if adapter_cfg is not None:
         dynlora.apply_lora(model, adapter_cfg)
     model.to(rt.device)
@@ -798,7 +823,10 @@ def resume_finetune(run: FinetuneRun, ckpt: dict | None) -> dict:
     finished = final.is_file() and json.loads(final.read_text()).get("run_id") == ckpt["state"]["run_id"]
     # The effective learning rate is compared (run_config["lr"]), not the flag: --lr 0 means the default.
     settings = {**run.run_config, "finetune": {**run.run_config["finetune"], "lr": None}}
-    saved = {**ckpt, "config": {**ckpt["config"], "finetune": {**ckpt["config"]["finetune"], "lr": None}}}
+    # A checkpoint written before --readout existed read its prediction at <cls>.
+    saved = {**ckpt, "config": {**ckpt["config"], "finetune": {"readout": "cls", "val_fraction": 0.0, "from_tune": "",
+                                                               **ckpt["config"]["finetune"],
+                                                               "lr": None}}}
     runs.check_resume(saved, settings, run.source, out, RESUME_MAY_CHANGE, flag_name, finished)
     runs.load_training_weights(run.model, ckpt["model"], run.cfg.method, out / runs.CHECKPOINT_FILE)
     if run.allocator is not None:
@@ -828,6 +856,7 @@ def finetune_epochs(run: FinetuneRun, system: SystemConfig) -> float:
     params = [p for p in run.model.parameters() if p.requires_grad]
     warmup = int(cfg.warmup_ratio * run.total_steps)
     train_model = runtime.wrap(run.model, rt, system.compile)
+    compiled_before = runtime.compile_stats() if train_model is not run.model else None
     t_start, speed = time.time() - state["wall_s"], Throughput()
     train_model.train()
     for epoch in range(state["epoch"], cfg.epochs):
@@ -854,6 +883,8 @@ def finetune_epochs(run: FinetuneRun, system: SystemConfig) -> float:
                 save_finetune_checkpoint(run, t_start)  # (the epoch's last batch is followed by the epoch-end one)
         end_of_epoch(run, epoch, time.time() - t_start)
         save_finetune_checkpoint(run, t_start)
+    if compiled_before is not None and hasattr(train_model, "_orig_mod"):
+        run.compiled = {k: round(v - compiled_before[k], 1) for k, v in runtime.compile_stats().items()}
     return time.time() - t_start
 
 
@@ -882,7 +913,8 @@ def end_of_epoch(run: FinetuneRun, epoch: int, wall_s: float):
     run.log.add(record)
     state["history"].append(record)
     if run.rt.is_main:
-        tqdm.write(f"epoch {epoch + 1}: dev {run.task.name} score {100 * dev['score']:.2f}  "
+        tqdm.write(f"epoch {epoch + 1}: {'validation' if run.cfg.val_fraction else 'dev'} {run.task.name} score "
+                   f"{100 * dev['score']:.2f}  "
                    + "  ".join(f"{s}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
                                for s, m in dev.items() if s != "score"))
     if dev["score"] > state["best"]["score"]:
@@ -896,7 +928,8 @@ def end_of_epoch(run: FinetuneRun, epoch: int, wall_s: float):
 def finetuned_meta(run: FinetuneRun) -> dict:
     """What a saved fine-tuned model says about itself (model.pt / adapter.pt)."""
     return {"task": run.task.name, "method": run.cfg.method, "num_outputs": run.task.num_outputs,
-            "tokenizer_sha256": runs.file_sha256(run.out / runs.TOKENIZER_FILE), "backbone": run.cfg.backbone}
+            "tokenizer_sha256": runs.file_sha256(run.out / runs.TOKENIZER_FILE), "backbone": run.cfg.backbone,
+            "readout": run.cfg.readout}
 
 
 def finish_finetune(run: FinetuneRun, wall: float) -> dict:
@@ -915,13 +948,17 @@ def finish_finetune(run: FinetuneRun, wall: float) -> dict:
     result = {
         "task": run.task.name, "method": method, "seed": cfg.seed, "suite": cfg.suite,
         "score": best["score"], "best_epoch": best["epoch"], "dev": best["dev"],
-        "last_score": history[-1]["score"], "epochs": cfg.epochs, "lr": run.lr,
+        "last_score": history[-1]["score"], "epochs": cfg.epochs, "lr": run.lr, "readout": cfg.readout,
         "trainable_params": run.counts[0], "total_params": run.counts[1],
         "active_adapter_params": dynlora.active_parameter_count(run.model) if method != "full" else None,
         "final_active_adapter_params": final_active, **inference,
         "final_ranks": final_ranks,
         "train_examples": run.data.train_examples, "wall_s": round(wall, 1),
-        "tokens_per_s": round(state["tokens"] / max(1e-9, wall), 1),
+        **({"split": tune.VALIDATION, "val_fraction": cfg.val_fraction, "val_examples": run.data.held_out}
+           if cfg.val_fraction else {}), **({"from_tune": cfg.from_tune} if cfg.from_tune else {}),
+        "tokens_per_s": round(state["tokens"] / max(1e-9, wall), 1), "train_tokens": state["tokens"],
+        "padding_fraction": round(run.data.train.padding_fraction(cfg.epochs), 4),
+        "compiled": run.compiled,
         "device": rt.device.type, "precision": rt.precision, "processes": rt.world_size,
         "resumed": state["resumed"], "run_id": state["run_id"],
         "backbone": cfg.backbone, "backbone_sha256": run.source if cfg.backbone else None,
@@ -938,7 +975,8 @@ def finish_finetune(run: FinetuneRun, wall: float) -> dict:
         if run.allocator is not None:
             plots.allocation_plots(run.allocator.history, run.out, total_steps=run.allocator.total_steps,
                                    initial_ranks={name: m.r for name, m in run.allocator.layers})
-        print(f"finetune {run.task.name} ({method}): best dev score {100 * best['score']:.2f} at epoch "
+        print(f"finetune {run.task.name} ({method}): best {'validation' if cfg.val_fraction else 'dev'} score "
+              f"{100 * best['score']:.2f} at epoch "
               f"{best['epoch']}, {wall / 60:.1f} min; run folder {run.out}")
     rt.barrier()
     return result
@@ -948,13 +986,14 @@ def finish_finetune(run: FinetuneRun, wall: float) -> dict:
 # 6. Evaluation
 # ---------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: nn.Module, batcher, rt: runtime.Runtime | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """(predictions, labels, mean loss) over one pass of an eval batcher.
 
     With several processes, each one scores its share of the batches (runtime.share) and the results are
     gathered, so every process returns the predictions of the whole split (in another order, which no
-    metric minds).
+    metric minds). Runs in the run's precision under torch.inference_mode, which, unlike no_grad, also skips
+    autograd's version counters and view tracking: nothing computed here is ever differentiated.
     """
     rt = rt or runtime.Runtime(next(model.parameters()).device, "fp32")
     was_training = model.training
@@ -1002,8 +1041,9 @@ def sum_gate_statistics(stats: dynlora.GateStats, model: nn.Module, rt: runtime.
         entry = stats.layers.get(name) or {"positions": 0, "gate_sum": torch.zeros(layer.r, dtype=torch.float64),
                                            "histogram": torch.zeros(layer.r + 1, dtype=torch.long)}
         entry["positions"] = int(rt.sum([entry["positions"]])[0])
-        rt.sum_tensor_(entry["gate_sum"])
-        rt.sum_tensor_(entry["histogram"])
+        # clone: tensors made under predict's inference_mode cannot be updated in place outside it
+        entry["gate_sum"] = rt.sum_tensor_(entry["gate_sum"].clone())
+        entry["histogram"] = rt.sum_tensor_(entry["histogram"].clone())
         layers[name] = entry
     stats.layers = layers
 
@@ -1051,7 +1091,8 @@ def saved_run_data(run: Path, meta: dict, data_dir: str | None, backbone: str | 
     data.ensure_task(ddir, task)
     rt = runtime.Runtime(torch.device("cpu"), "fp32")
     return build_run_data(task, ddir, tok, run / runs.TOKENIZER_FILE, cache_dir(backbone or cfg["backbone"], run),
-                          cfg["max_len"], cfg["batch_size"], cfg["seed"], cfg["max_train"], rt)
+                          cfg["max_len"], cfg["batch_size"], cfg["seed"], cfg["max_train"], rt,
+                          cfg.get("readout", "cls"), cfg.get("val_fraction", 0.0))
 
 
 def evaluate_run(run_dir: str, data_dir: str | None = None, backbone: str | None = None) -> dict:
@@ -1087,7 +1128,8 @@ def export_merged(run_dir: str, out_dir: str | None = None, data_dir: str | None
     runs.atomic_write_text(out / "config.json", (run / "config.json").read_text())
     runs.atomic_torch_save({"config": merged.gpt.config.to_dict(), "model": merged.state_dict(),
                             **{k: meta[k] for k in ("task", "num_outputs", "tokenizer_sha256", "backbone")},
-                            "method": meta["method"], "merged_from": str(run)}, out / "model.pt")
+                            "method": meta["method"], "readout": meta.get("readout", "cls"), "merged_from": str(run)},
+                           out / "model.pt")
     return out
 
 
@@ -1266,6 +1308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="then measure the import (perplexity on RTE dev "
                    "sentences, a greedy continuation, time and peak memory) into results/import.json")
     p.add_argument("--data-dir", default=None, help="GLUE folder for --check (default: $GLUE_DIR, else ./data/glue)")
+    p = sub.add_parser("zeroshot", help="the backbone with no training: each task's prompt read through the LM "
+                       "head's label words, on the whole dev set (readout.PROMPTS), into results/")
+    zeroshot.add_arguments(p)
+    p = sub.add_parser("tune", help="choose each method's setting on held-out training data (tune.py); every "
+                       "finetune flag given is the fixed recipe of every trial")
+    add_config_args(p, tune.TuneConfig)
+    add_config_args(p, FinetuneConfig, skip=tune.TUNE_OWNS)
+    add_config_args(p, dynlora.AdapterConfig, rename=FLAG_NAMES, only_if_given=True)
+    add_config_args(p, SystemConfig, skip={"resume"})            # a tune always continues where it stopped
     p = sub.add_parser("planted", help="the known-answer benchmark: students distilled from planted teachers")
     add_config_args(p, planted.PlantedConfig)
     return parser
@@ -1283,6 +1334,18 @@ def import_command(source: str | None, out_dir: str | None, check: bool, data_di
                   "commit": runs.git_commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
         runs.atomic_write_text(runs.RESULTS_DIR / "import.json", json.dumps(record, indent=2))
         print(json.dumps(record, indent=2))
+
+
+def tune_command(args: argparse.Namespace):
+    """`train.py tune` (tune.py): the finetune, adapter and system flags given are every trial's fixed recipe."""
+    spec = config_from_args(tune.TuneConfig, args)
+    check_config(spec)
+    base = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)
+                             if f.name not in tune.TUNE_OWNS})
+    adapter = {f.name: getattr(args, f.name) for f in fields(dynlora.AdapterConfig) if hasattr(args, f.name)}
+    system = SystemConfig(**{f.name: getattr(args, f.name) for f in fields(SystemConfig) if f.name != "resume"})
+    tune.run(spec, base, adapter, system, finetune=finetune, check=lambda c: check_config(c, FLAG_NAMES),
+             flag=lambda k: flag(k, FLAG_NAMES), diverged=DivergedError)
 
 
 def run_command(args: argparse.Namespace):
@@ -1309,6 +1372,10 @@ def run_command(args: argparse.Namespace):
         gates_command(args.run, args.data_dir, args.backbone, args.max_examples)
     elif args.command == "import":
         import_command(args.source, args.out_dir, args.check, args.data_dir)
+    elif args.command == "zeroshot":
+        zeroshot.command(args)
+    elif args.command == "tune":
+        tune_command(args)
     elif args.command == "planted":
         planted.run_benchmark(config_from_args(planted.PlantedConfig, args))
 

@@ -883,3 +883,79 @@ def test_gate_lr_mult_moves_the_gates_by_that_factor_more():
 def test_gate_lr_mult_must_be_positive():
     with pytest.raises(ValueError, match="gate_lr_mult must be a finite number > 0"):
         AdapterConfig(gate_lr_mult=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 autocast (--precision auto picks it on CPUs that compute bf16 natively): the matmuls' inputs go to bf16,
+# nothing else does. bf16 keeps 8 bits of mantissa (relative rounding 2^-9), so values that pass through a few
+# matmuls agree with fp32 to about 1%; the tolerances below are a few times that.
+
+BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
+
+
+def test_under_bf16_autocast_the_gates_agree_with_fp32():
+    model, _ = adapted("dynlora", seed=1)
+    randomize_B(model)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, layer in live_gates(model):                       # gates that vary with the input
+            layer.gate.weight.copy_(torch.randn(layer.gate.weight.shape, generator=g))
+    idx, _ = batch(B=4, T=12)
+    model.eval()
+    values = {}
+    for name, ctx in (("fp32", torch.autocast(enabled=False, **BF16)), ("bf16", torch.autocast(**BF16))):
+        with dynlora.gate_values(model) as recorded, torch.no_grad(), ctx:
+            logits, _ = model(idx)
+        values[name] = (recorded.values(), logits.float())
+    for layer, g32 in values["fp32"][0].items():
+        g16 = values["bf16"][0][layer]
+        assert g16.dtype == torch.bfloat16                            # the gate really ran in bf16 ...
+        assert (g16.float() - g32).abs().max() < 0.03                  # ... and agrees with fp32
+        assert g32.std() > 0.05                                       # (gates that do depend on the input)
+    assert torch.allclose(values["bf16"][1], values["fp32"][1], atol=0.05, rtol=0.05)
+
+
+def test_under_bf16_autocast_everything_trained_and_the_allocator_scores_stay_fp32_and_agree():
+    ipt = {}
+    for precision in ("fp32", "bf16"):
+        model, config = adapted("dynlora", seed=2)
+        randomize_B(model)
+        allocator = RankAllocator(model, config, total_steps=500)
+        idx, y = batch(B=4, T=12)
+        with torch.autocast(enabled=precision == "bf16", **BF16):
+            _, loss = model(idx, y)
+            loss = loss + regularization_loss(model)
+        assert loss.dtype == torch.float32                            # the loss (and the penalty) in fp32
+        loss.backward()
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trained)
+        opt = torch.optim.AdamW(trained, lr=1e-3)
+        opt.step()
+        assert all(v.dtype == torch.float32 for st in opt.state.values() for v in st.values() if v.dim())
+        allocator.step(1)
+        ipt[precision] = torch.cat([s.reshape(-1) for layer in allocator.ipt.values() for s in layer.values()])
+        assert ipt[precision].dtype == torch.float32
+    rel = (ipt["bf16"] - ipt["fp32"]).norm() / ipt["fp32"].norm()
+    assert 0 < rel < 0.05                                             # bf16 did change them, but not by much
+
+
+def test_merging_inside_an_autocast_block_gives_the_fp32_merge_exactly():
+    merged = {}
+    for precision in ("fp32", "bf16"):
+        model, _ = adapted("lora", seed=3)
+        randomize_B(model)
+        with torch.autocast(enabled=precision == "bf16", **BF16):
+            merge_adapters(model)
+        merged[precision] = {n: m.base.weight.clone() for n, m in adapter_layers(model)}
+        assert all(w.dtype == torch.float32 for w in merged[precision].values())
+    for name, w in merged["fp32"].items():
+        assert torch.equal(merged["bf16"][name], w)
+    # and the merged model's bf16 forward pass agrees with the unmerged one's
+    model, _ = adapted("lora", seed=3)
+    randomize_B(model)
+    idx, _ = batch()
+    with torch.no_grad(), torch.autocast(**BF16):
+        before = model(idx)[0].float()
+        merge_adapters(model)
+        after = model(idx)[0].float()
+    assert torch.allclose(before, after, atol=0.05, rtol=0.05)

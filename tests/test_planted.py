@@ -286,3 +286,18 @@ def test_help_lists_every_flag_with_its_comment(capsys):
     code, _ = cli("planted", "--help")
     out = " ".join(capsys.readouterr().out.split())                           # argparse wraps the lines
     assert code == 0 and "--heterogeneous-ranks" in out and "cosine decay to a tenth" in out
+
+
+def test_the_students_precision_is_part_of_a_result_only_when_it_is_not_fp32(monkeypatch):
+    import runtime
+    fp32 = planted.PlantedConfig()
+    assert "precision" not in fp32.result_settings()          # the fp32 results made before it existed keep their ids
+    monkeypatch.setattr(runtime, "cpu_native_bf16", lambda: True)
+    bf16, auto = planted.PlantedConfig(precision="bf16"), planted.PlantedConfig(precision="auto")
+    assert bf16.result_settings()["precision"] == auto.result_settings()["precision"] == "bf16"
+    assert planted.run_id(bf16, "input", "gate", 0) != planted.run_id(fp32, "input", "gate", 0)
+    monkeypatch.setattr(runtime, "cpu_native_bf16", lambda: False)
+    assert planted.run_id(planted.PlantedConfig(precision="auto"), "input", "gate", 0) == \
+        planted.run_id(fp32, "input", "gate", 0)                # auto resolves to fp32 here: the same result
+    with pytest.raises(ValueError, match="--precision fp16 needs a CUDA device"):
+        planted.PlantedConfig(precision="fp16")

@@ -248,6 +248,50 @@ def test_precision_selection(monkeypatch):
     assert not runtime.Runtime(cpu, "bf16").grad_scaler().is_enabled()      # bf16 needs no loss scaling
 
 
+def test_auto_picks_bf16_exactly_on_cpus_that_compute_it_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_native_bf16", lambda: True)            # e.g. AMD Zen 4, Sapphire Rapids
+    assert runtime.select_precision("auto", cpu) == "bf16"
+    assert runtime.select_precision("fp32", cpu) == "fp32"                   # an explicit value is obeyed
+    assert "computes bf16 natively" in runtime.precision_note("auto", "bf16", cpu)
+    monkeypatch.setattr(runtime, "cpu_native_bf16", lambda: False)           # e.g. AVX2-only
+    assert runtime.select_precision("auto", cpu) == "fp32"
+    assert runtime.select_precision("bf16", cpu) == "bf16"                   # runs, but says it is emulated:
+    note = runtime.precision_note("bf16", "bf16", cpu)
+    assert "EMULATED" in note and "--precision auto" in note and "\n" not in note
+    assert "no native bf16" in runtime.precision_note("auto", "fp32", cpu)
+    # The CPU checks PyTorch itself exposes decide it, whatever this machine is.
+    monkeypatch.undo()
+    expected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert runtime.cpu_native_bf16() == bool(expected)
+
+
+def test_a_run_prints_its_precision_and_why(backbone, tmp_path, capsys):
+    code, message = cli(*finetune_args(backbone, tmp_path, "lora", "SST-2", 1))
+    assert code == 0, message
+    native = runtime.cpu_native_bf16()
+    assert ("precision bf16 autocast (--precision auto; this CPU computes bf16 natively" if native else
+            "precision fp32 (--precision auto; this CPU has no native bf16") in capsys.readouterr().out
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["precision"] == ("bf16" if native else "fp32") and final["compiled"] is None
+    assert 0 <= final["padding_fraction"] < 1 and final["train_tokens"] > 0
+
+
+def test_compile_falls_back_to_eager_in_one_line_where_the_compiler_cannot_run(monkeypatch, capsys):
+    def broken(fn, *args, **kwargs):
+        def call(*a, **k):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nlong compiler output")
+        return call
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(runtime, "_COMPILE_PROBES", {})
+    model = GPTClassifier(preset("nano"), 2)
+    wrapped = runtime.wrap(model, runtime.Runtime(torch.device("cpu"), "fp32"), compile=True)
+    assert wrapped is model                                                   # eager, not a broken wrapper
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("--compile: torch.compile cannot run here (RuntimeError: "
+                                               "InductorError") and "training eagerly" in out[0]
+
+
 @pytest.mark.parametrize("command", ["finetune", "pretrain"])
 def test_cuda_asked_for_but_absent(backbone, tmp_path, monkeypatch, command):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

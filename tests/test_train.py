@@ -4,9 +4,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import data
 import report
 import runs
 import train
@@ -269,6 +271,25 @@ def test_bench_quick_runs_every_figure(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["rows"] == result["rows"] and saved["quick"] is True
     assert "Benchmark" in report.render_bench(saved)
+
+
+def test_bench_whole_runs_time_fresh_processes_from_start_to_result(backbone, monkeypatch):
+    import bench
+    monkeypatch.setattr(bench, "SUITE_RECIPE", ["--task", "SST-2", "--method", "lora", "--lora-r", "2", "--epochs",
+                                                "1", "--max-len", "32", "--batch-size", "4", "--threads", "1"])
+    rows = bench.whole_run_rows(rounds=2, backbone=str(backbone), data_dir=FIXTURES,
+                                variants={"fp32": ["--precision", "fp32"], "auto": ["--precision", "auto"]})
+    speed = {row["name"].split(": ")[1]: row["value"] for row in rows}
+    assert set(speed) == {"fp32 tokens/s", "auto tokens/s", "tokens/s auto / fp32"}, rows
+    ratio = next(row for row in rows if "auto / fp32" in row["name"])
+    assert 0 < ratio["low"] <= ratio["high"]                          # two rounds: a range, not one number
+    assert bench.whole_run_rows(backbone=str(backbone) + "-missing")[0]["value"].startswith("not measured")
+
+
+def test_padding_is_counted_from_the_batch_shapes():
+    ids = [np.ones(n, dtype=np.int64) for n in (1, 2, 3, 4)]          # batches of 2, sorted: (1, 2), (3, 4)
+    batcher = data.BucketBatcher(ids, np.zeros(4), batch_size=2, shuffle=False)
+    assert batcher.padding_fraction() == pytest.approx(1 - 10 / (2 * 2 + 2 * 4))
 
 
 def test_a_flops_percentage_meets_its_target_only_when_its_lowest_round_does():
