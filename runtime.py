@@ -86,9 +86,10 @@ def cpu_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware: AVX512-BF16 (AMD Zen 4 and later, Intel Cooper
     Lake and later) or AMX tiles (Intel Sapphire Rapids and later), as PyTorch's own CPU feature checks see it.
 
-    There oneDNN's bf16 matmuls run at about twice the fp32 rate (half the bytes per number, twice the numbers
-    per vector instruction). Elsewhere (AVX2-only or plain AVX-512 CPUs) oneDNN emulates bf16 by converting
-    to fp32 and back, which is slower than fp32 itself -- so bf16 is chosen only where the hardware has it.
+    There oneDNN's bf16 matmuls can run at about twice the fp32 rate (half the bytes per number, twice the
+    numbers per vector instruction). Elsewhere (AVX2-only or plain AVX-512 CPUs) oneDNN has to emulate bf16,
+    converting to fp32 and back, which gains nothing over fp32 and can be far slower (the README has the
+    figure) -- so bf16 is chosen only where the hardware has it.
     """
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
