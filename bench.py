@@ -1,5 +1,5 @@
 """
-bench.py -- speed and memory figures, measured side by side in one run (`python train.py bench`).
+bench.py -- speed and memory figures, measured side by side in one run (`python cli.py bench`).
 
 Machines are noisy (other processes, frequency scaling), so a figure is never one timing against a number
 taken on another day: every comparison is a ratio of two things timed in the same run, interleaved round
@@ -14,8 +14,8 @@ What this file holds, in order:
   4. FLOP counting   -- the matmul FLOPs of a training step with frozen weights (the adapter methods).
   5. run             -- the figures of the "cpu" preset (the from-scratch backbone) and, unless quick, of the
                         pretrained backbone's shape (SmolLM2-135M), the padding of the suite's batches and
-                        whole fine-tuning runs, written to results/bench.json, which `python train.py report`
-                        renders into the README.
+                        whole fine-tuning runs, written to results/bench.json, which `python cli.py report`
+                        renders into RESULTS.md.
 
 Figures (weights at random init; speed does not depend on their values):
   - the CPU, its vector ISA, whether it computes bf16 natively, and what --precision auto picks there.
@@ -51,7 +51,6 @@ import torch
 
 import data
 import dynlora
-import report
 import runs
 import runtime
 from model import GPT, GPTClassifier, GPTConfig, matmul_flops_per_token, preset, training_flops
@@ -114,11 +113,17 @@ def median(times: dict, name: str) -> float:
 # 2. Models and steps
 # ---------------------------------------------------------------------------------------------------------
 
+def pruned_methods() -> list:
+    """The methods the grid trains from r = 12 down to 8 (alloc, dynlora): those of the plain form that
+    allocate. AdaLoRA, of the svd form, is timed at r only."""
+    return [m for m, preset in dynlora.METHODS.items() if preset["allocation"] and preset["form"] == "plain"]
+
+
 def classifier(method: str, config: GPTConfig, r: int, target_r: int | None = None) -> GPTClassifier:
     """A 2-class classifier with `method`'s adapters (none for full) at rank r (allocating: r -> target_r)."""
     torch.manual_seed(0)
     model = GPTClassifier(config, num_outputs=2)
-    if method != "full":
+    if method != dynlora.FULL:
         # The default reallocation interval delta_t, with the warm-up cut to 2 steps so that the timed steps
         # include reallocations (with the default t_init they would all fall in the warm-up).
         cfg = dynlora.config_for_method(method, r=r, target_r=target_r or max(1, r * 2 // 3), t_init=2, t_final=2)
@@ -205,9 +210,9 @@ def peak_training_memory(method: str, config: GPTConfig, B: int, T: int, r: int)
 
 
 def memory_row(config: GPTConfig, B: int, T: int, r: int, target: str = "") -> dict:
-    mem = {m: peak_training_memory(m, config, B, T, r) for m in ("full", "lora")}
-    return dict(name="peak training memory lora / full", value=f"{mem['lora'] / mem['full']:.2f} "
-                f"({mem['lora'] / 2**20:.0f} / {mem['full'] / 2**20:.0f} MiB)", target=target)
+    mem = {m: peak_training_memory(m, config, B, T, r) for m in (dynlora.FULL, "lora")}
+    return dict(name="peak training memory lora / full", value=f"{mem['lora'] / mem[dynlora.FULL]:.2f} "
+                f"({mem['lora'] / 2**20:.0f} / {mem[dynlora.FULL] / 2**20:.0f} MiB)", target=target)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,31 +266,31 @@ def cpu_preset_rows(quick: bool) -> list:
     # Fine-tuning steps of every method on the same batch; "alloc 12->8" and "dynlora 12->8" are the grid's.
     idx, y = torch.randint(4, config.vocab_size, (B, T)), torch.randint(0, 2, (B,))
     grid_r = (6, 4) if quick else (12, 8)
-    models = {m: classifier(m, config, r) for m in ("full", *dynlora.METHODS)}
-    models |= {f"{m} {grid_r[0]}->{grid_r[1]}": classifier(m, config, grid_r[0], grid_r[1]) for m in ("alloc", "dynlora")}
+    models = {m: classifier(m, config, r) for m in dynlora.method_names()}
+    models |= {f"{m} {grid_r[0]}->{grid_r[1]}": classifier(m, config, grid_r[0], grid_r[1]) for m in pruned_methods()}
     steps = {name: make_step(m, idx, y, name.split()[0], total_steps=1000) for name, m in models.items()}
     times = interleaved_times({"pretrain": lm_step, **steps}, rounds, per_round)
     peak = max(peak, matmul_flops_per_s(256 if quick else 2048, 3 if quick else 10))
 
     lm_flops = training_flops(config, lm_idx.numel(), lm_idx.shape[1], lm_head=True) / median(times, "pretrain")
-    ft_flops = training_flops(config, idx.numel(), T, lm_head=False) / median(times, "full")
+    ft_flops = training_flops(config, idx.numel(), T, lm_head=False) / median(times, dynlora.FULL)
     rows.append(dict(name=f"pretraining step, B={B} T={lm_idx.shape[1]} (GFLOP/s, % of matmul)",
                      value=f"{lm_flops / 1e9:.1f} ({100 * lm_flops / peak:.0f}%)", target=">= 70%"))
     rows.append(dict(name=f"full fine-tuning step, B={B} T={T} (GFLOP/s, % of matmul)",
                      value=f"{ft_flops / 1e9:.1f} ({100 * ft_flops / peak:.0f}%)", target=">= 70%"))
     for m in dynlora.METHODS:
-        rows.append(ratio_row(f"step time {m} / full (r={r})", times, m, "full", "<= 0.72" if m == "lora" else ""))
+        rows.append(ratio_row(f"step time {m} / full (r={r})", times, m, dynlora.FULL, "<= 0.72" if m == "lora" else ""))
     for m in dynlora.METHODS:
         if m != "lora":
             rows.append(ratio_row(f"step time {m} / lora (r={r})", times, m, "lora", "<= 1.02"))
-    for m in ("alloc", "dynlora"):
+    for m in pruned_methods():
         name = f"{m} {grid_r[0]}->{grid_r[1]}"
         rows.append(ratio_row(f"step time {name} / lora (r={r}), the grid's configuration", times, name, "lora",
                               "<= 1.02"))
     rows.append(memory_row(config, B, T, r, "<= 0.6"))
 
     # Inference: the base model against the LoRA model merged back into plain Linear layers.
-    base = models["full"].eval()
+    base = models[dynlora.FULL].eval()
     merged = dynlora.merge_and_unload(models["lora"]).eval()
     infer_idx = torch.randint(4, config.vocab_size, (2 * B, T))
     with torch.no_grad():
@@ -316,8 +321,9 @@ def smollm2_rows(B: int = 16, T: int = 64, rounds: int = 7) -> list:
     cpu = torch.device("cpu")
     auto = runtime.select_precision("auto", cpu)
     idx, y = torch.randint(4, config.vocab_size, (B, T)), torch.randint(0, 2, (B,))
-    models = {m: classifier(m, config, 8) for m in ("full", "lora", "gate")}
-    models |= {f"{m} 12->8": classifier(m, config, 12, 8) for m in ("alloc", "dynlora")}
+    models = {m: classifier(m, config, 8) for m in dynlora.method_names()
+              if m == dynlora.FULL or not dynlora.METHODS[m]["allocation"]}         # full, lora, gate
+    models |= {f"{m} 12->8": classifier(m, config, 12, 8) for m in pruned_methods()}
     steps = {m: make_step(model, idx, y, m.split()[0], total_steps=1000, precision=auto)
              for m, model in models.items()}
     # On a CPU, auto is bf16 exactly where bf16 is native: then "lora" is the bf16 step and fp32 is timed apart.
@@ -356,10 +362,10 @@ def smollm2_rows(B: int = 16, T: int = 64, rounds: int = 7) -> list:
     for name in variants[1:]:
         rows.append(ratio_row(f"{tag}: step time {name} / lora fp32", times, name, "lora fp32"))
     rows += [flops_row(f"{tag}: full fine-tuning step, {auto} (GFLOP/s, % of {auto} matmul)", full_flops,
-                       times["full"], peak[auto]),
-             ratio_row(f"{tag}: step time lora / full, {auto}", times, "lora", "full")]
+                       times[dynlora.FULL], peak[auto]),
+             ratio_row(f"{tag}: step time lora / full, {auto}", times, "lora", dynlora.FULL)]
     rows += [ratio_row(f"{tag}: step time {m} / lora (r=8), the suite's configuration, {auto}", times, m, "lora",
-                       "<= 1.02") for m in ("gate", "alloc 12->8", "dynlora 12->8")]
+                       "<= 1.02") for m in models if m not in (dynlora.FULL, "lora")]
     mem = memory_row(config, B, T, 8)
     return rows + [{**mem, "name": f"{tag}: " + mem["name"]}]
 
@@ -370,7 +376,7 @@ SUITE_RECIPE = ["--task", "SST-2", "--method", "lora", "--lora-r", "8", "--max-t
 
 def whole_run_rows(rounds: int = 2, backbone: str = "runs/smollm2-135m", data_dir=None,
                    variants: dict | None = None) -> list:
-    """Whole fine-tuning runs, each a fresh `python train.py finetune` process timed from its start to its
+    """Whole fine-tuning runs, each a fresh `python cli.py finetune` process timed from its start to its
     result (data, training, evaluation, the merged model's score): the `smollm2` suite's recipe (LoRA r = 8 on
     SST-2, batch 16, length <= 64, one epoch) on 1,000 examples, in fp32 eager, at --precision auto where that
     differs, and under --compile, interleaved round by round. tokens/s = training tokens / the process's wall
@@ -378,9 +384,9 @@ def whole_run_rows(rounds: int = 2, backbone: str = "runs/smollm2-135m", data_di
     length is marked dynamic); the inductor cache is off, so every round compiles from scratch, as a first run
     does. Needs the imported backbone and the GLUE files; says so otherwise. variants: {name: extra flags},
     the first one the reference (the tests pass their own)."""
-    ddir = data_dir or report.default_data_dir()
+    ddir = data_dir or data.find_data_dir("SST-2")
     if not (Path(backbone) / runs.BACKBONE_FILE).is_file() or ddir is None:
-        return [dict(name="whole fine-tuning run", value=f"not measured: needs {backbone} (`python train.py "
+        return [dict(name="whole fine-tuning run", value=f"not measured: needs {backbone} (`python cli.py "
                      f"import`) and the GLUE files ($GLUE_DIR)")]
     auto = runtime.select_precision("auto", torch.device("cpu"))
     if variants is None:
@@ -394,7 +400,7 @@ def whole_run_rows(rounds: int = 2, backbone: str = "runs/smollm2-135m", data_di
         for r in range(rounds):
             for name, flags in variants.items():
                 out = Path(tmp) / f"{name.replace(' ', '-')}-{r}"
-                cmd = [sys.executable, str(runs.REPO / "train.py"), "finetune", *SUITE_RECIPE, "--backbone", backbone,
+                cmd = [sys.executable, str(runs.REPO / "cli.py"), "finetune", *SUITE_RECIPE, "--backbone", backbone,
                        "--data-dir", str(ddir), "--out-dir", str(out), "--results-dir", str(out), *flags]
                 t = time.perf_counter()
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -424,7 +430,7 @@ def padding_rows(backbone: str = "runs/smollm2-135m") -> list:
     """The share of the training batches' slots that are padding, per task, at the suite's recipe (batch 16,
     length <= 64, the first 2,000 examples) and with all the training examples at a length that truncates at
     most 5% of them: padding is compute spent on nothing, and the length-bucketed batches keep it small."""
-    ddir = report.default_data_dir()
+    ddir = data.find_data_dir()
     tok_path = Path(backbone) / runs.TOKENIZER_FILE
     if ddir is None or not tok_path.is_file():
         return [dict(name="padding of the training batches", value="not measured: needs the GLUE files and "

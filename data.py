@@ -4,8 +4,10 @@ data.py -- GLUE data, from the official TSV files to padded batches and metric s
 What this file holds, in order:
   1. Tasks        -- TaskSpec: where each of the nine GLUE tasks keeps its files, which columns hold the
                      texts and the label, the label set and the metrics. GLUE_TASKS, get_task.
-  2. Reading TSVs -- read_split turns one official file into a list of Examples, with one-line errors
-                     naming file:line. pretrain_texts collects the unlabeled train text for LM pretraining.
+  2. Reading TSVs -- resolve_data_dir (the folder a command reads) and find_data_dir (the one search for an
+                     existing GLUE folder); read_split turns one official file into a list of Examples, with
+                     one-line errors naming file:line. pretrain_texts collects the unlabeled train text for LM
+                     pretraining. validation_split holds out part of a train split (--val-fraction).
   3. Download     -- ensure_task / download_task fetch the official zips (and build MRPC from SentEval's
                      files) when a task folder is missing.
   4. Tokenizer    -- a byte-level BPE trained on our own text, the classification input format
@@ -171,8 +173,26 @@ class Example:
 
 
 def resolve_data_dir(arg: str | None) -> Path:
-    """The GLUE folder: the argument if given, else $GLUE_DIR, else ./data/glue."""
+    """The GLUE folder a command reads (and ensure_task downloads into): the argument if given, else $GLUE_DIR,
+    else ./data/glue. It need not exist yet; to look for one that does, see find_data_dir."""
     return Path(arg or os.environ.get("GLUE_DIR") or "data/glue").expanduser()
+
+
+def find_data_dir(task=None) -> Path | None:
+    """The one lookup of an existing GLUE folder, for what only reads one if it is there (the report's
+    majority-class rows, the benchmark, the notebooks). The search order, first match wins:
+      1. $GLUE_DIR;
+      2. ./data/glue (the commands' default, where ensure_task downloads);
+      3. data/glue in the repository (the same folder, seen from another working folder such as notebooks/);
+      4. ../shared/glue beside the repository (where a shared machine keeps one copy).
+    A folder matches when it holds the train file of `task` (default: of any GLUE task), so an empty folder
+    left by a failed download is passed over. None when nothing matches."""
+    tasks = [get_task(task)] if task else list(GLUE_TASKS.values())
+    repo = Path(__file__).resolve().parent
+    for folder in (os.environ.get("GLUE_DIR"), "data/glue", repo / "data" / "glue", repo.parent / "shared" / "glue"):
+        if folder and any((Path(folder).expanduser() / t.name / t.split_files["train"]).is_file() for t in tasks):
+            return Path(folder).expanduser()
+    return None
 
 
 def read_split(data_dir, task, split: str) -> list[Example]:
@@ -297,6 +317,32 @@ def pretrain_texts(data_dir, tasks) -> list[str]:
             if ex.text_b is not None:
                 texts[ex.text_b] = None
     return list(texts)
+
+
+VALIDATION = "validation"    # the split name of the training examples held out by --val-fraction (tune.py)
+SPLIT_SEED = 0               # the only seed the validation split depends on
+
+
+def validation_split(n: int, fraction: float, batch_size: int, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, validation indices) of a train split of n examples with `fraction` held out; both
+    sorted, so the training examples keep their file order. The order is drawn from SPLIT_SEED alone, so every
+    run of a task holds out the same examples whatever its seed, method or setting (tune.py's protocol).
+    ValueError naming --val-fraction when either side would hold less than one batch."""
+    n_val = int(round(fraction * n))
+    if n < 2 * batch_size:
+        raise ValueError(f"--val-fraction {fraction:g}: {task}'s training split has {n} examples, too few to hold "
+                         f"out a validation set of one batch (--batch-size {batch_size}) and train on another; "
+                         f"lower --batch-size or leave {task} out")
+    if n_val < batch_size:
+        raise ValueError(f"--val-fraction {fraction:g} holds out {n_val} of {task}'s {n} training examples, fewer "
+                         f"than one batch (--batch-size {batch_size}); raise it to at least "
+                         f"{math.ceil(1000 * batch_size / n) / 1000:g}")
+    if n - n_val < batch_size:
+        raise ValueError(f"--val-fraction {fraction:g} leaves {n - n_val} of {task}'s {n} training examples to train "
+                         f"on, fewer than one batch (--batch-size {batch_size}); lower it to at most "
+                         f"{math.floor(1000 * (1 - batch_size / n)) / 1000:g}")
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 # ---------------------------------------------------------------------------------------------------------

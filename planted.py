@@ -16,14 +16,14 @@ built so that one mechanism should win, or none:
                     nothing should win.
 
 What this file holds, in order:
-  1. PlantedConfig -- every setting of `python train.py planted` (each field's comment is its --help).
+  1. PlantedConfig -- every setting of `python cli.py planted` (each field's comment is its --help).
   2. The teacher   -- PlantedLinear (a frozen layer plus a planted update, optionally gated by token kind),
                       plant() which builds and calibrates a teacher for one scenario and seed.
   3. Data          -- the backbone (pretrained, or the preset at random init with a BPE trained on the text),
                       windows of GLUE train text for distillation and of dev text for scoring.
   4. Students      -- train_student: one method's adapters distilled from the teacher's last hidden states.
-  5. Metrics       -- relative_error, budget_share, rank_correlation, mutual_information_bits,
-                      gate_variances, paired_interval (mean and t-based 95% interval of paired differences).
+  5. Metrics       -- relative_error, budget_share, rank_correlation; the gate metrics are analysis.py's
+                      (mutual_information_bits, gate_variances); the paired interval to LoRA is runs.paired_ci.
   6. The benchmark -- run_benchmark: every (scenario, method, seed), one JSON line each in
                       results/planted.jsonl as it finishes, a plot per scenario, a summary table.
 
@@ -45,17 +45,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import analysis
 import data
 import dynlora
 import plots
 import runs
 import runtime
+import train
 from model import GPT, preset
-
-
-def _bounds(low=None, high=None, low_open=False, high_open=False) -> dict:
-    """Field metadata read by train.check_config (the same form as train.bounds)."""
-    return {"bounds": (low, high, low_open, high_open)}
+from train import bounds, check_config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -69,44 +67,38 @@ RESULTS_FILE = "planted.jsonl"
 @dataclass
 class PlantedConfig:
     scenarios: str = "heterogeneous,input,homogeneous"  # comma-separated scenarios to run
-    methods: str = "lora,alloc,gate,dynlora,adalora"    # comma-separated methods (lora first: the others are paired to it)
-    seeds: int = field(default=5, metadata=_bounds(1))   # seeds 0..N-1; a seed fixes the teacher, the data windows and the students' init
+    methods: str = field(default_factory=lambda: ",".join(dynlora.METHODS))  # comma-separated methods (default: every dynlora.METHODS entry; lora first: the others are paired to it)
+    seeds: int = field(default=5, metadata=bounds(1))   # seeds 0..N-1; a seed fixes the teacher, the data windows and the students' init
     backbone: str = "auto"                              # backbone folder; 'auto' = runs/backbone if present, else '' = the preset at random init
     preset: str = "cpu"                                 # model shape when the backbone is random (see model.PRESETS)
-    n_layer: int = field(default=0, metadata=_bounds(0))  # random backbone: transformer blocks (0 = the preset's)
-    n_embd: int = field(default=0, metadata=_bounds(0))   # random backbone: width (0 = the preset's)
-    n_head: int = field(default=0, metadata=_bounds(0))   # random backbone: attention heads (0 = the preset's)
-    vocab_size: int = field(default=8192, metadata=_bounds(0, low_open=True))  # random backbone: BPE vocabulary trained on the text
+    n_layer: int = field(default=0, metadata=bounds(0))  # random backbone: transformer blocks (0 = the preset's)
+    n_embd: int = field(default=0, metadata=bounds(0))   # random backbone: width (0 = the preset's)
+    n_head: int = field(default=0, metadata=bounds(0))   # random backbone: attention heads (0 = the preset's)
+    vocab_size: int = field(default=8192, metadata=bounds(0, low_open=True))  # random backbone: BPE vocabulary trained on the text
     data_dir: str | None = None                         # GLUE folder (default: $GLUE_DIR, else ./data/glue)
     tasks: str = "SST-2,CoLA,MRPC,STS-B,RTE"            # GLUE tasks whose train text distils and whose dev text scores
-    max_len: int = field(default=32, metadata=_bounds(2))          # tokens per window of text
-    train_windows: int = field(default=1536, metadata=_bounds(1))  # windows of train text the students learn from
-    heldout_windows: int = field(default=256, metadata=_bounds(1))  # windows of dev text the students are scored on
+    max_len: int = field(default=32, metadata=bounds(2))          # tokens per window of text
+    train_windows: int = field(default=1536, metadata=bounds(1))  # windows of train text the students learn from
+    heldout_windows: int = field(default=256, metadata=bounds(1))  # windows of dev text the students are scored on
     targets: str = "q_proj,v_proj"                      # adapted (and planted) projections of every block (the GLUE grid's)
-    rank: int = field(default=4, metadata=_bounds(1))   # k: the final budget, rank components per adapted layer (lora and gate: r = k)
-    alloc_rank: int = field(default=6, metadata=_bounds(1))  # initial rank r of the allocating methods (alloc, dynlora, adalora), pruned to k
+    rank: int = field(default=4, metadata=bounds(1))   # k: the final budget, rank components per adapted layer (lora and gate: r = k)
+    alloc_rank: int = field(default=6, metadata=bounds(1))  # initial rank r of the allocating methods (alloc, dynlora, adalora), pruned to k
     heterogeneous_ranks: str = "6,0,6,0,2,6,0,6"        # planted rank per adapted layer in scenario heterogeneous (module order)
-    effect: float = field(default=0.1, metadata=_bounds(0, low_open=True))  # RMS change of the final hidden state by one planted component, relative to its RMS
-    steps: int = field(default=300, metadata=_bounds(1))  # optimizer steps per student
-    batch_size: int = field(default=16, metadata=_bounds(1))  # windows per step
-    lr: float = field(default=1e-2, metadata=_bounds(0, low_open=True))  # peak learning rate (AdamW, no weight decay, cosine decay to a tenth)
-    t_init: int = field(default=50, metadata=_bounds(0))    # allocation: warm-up steps with all components active
-    t_final: int = field(default=100, metadata=_bounds(0))  # allocation: last steps at the final budget, masks frozen
-    delta_t: int = field(default=10, metadata=_bounds(1))   # allocation: steps between reallocations
+    effect: float = field(default=0.1, metadata=bounds(0, low_open=True))  # RMS change of the final hidden state by one planted component, relative to its RMS
+    steps: int = field(default=300, metadata=bounds(1))  # optimizer steps per student
+    batch_size: int = field(default=16, metadata=bounds(1))  # windows per step
+    lr: float = field(default=1e-2, metadata=bounds(0, low_open=True))  # peak learning rate (AdamW, no weight decay, cosine decay to a tenth)
+    t_init: int = field(default=50, metadata=bounds(0))    # allocation: warm-up steps with all components active
+    t_final: int = field(default=100, metadata=bounds(0))  # allocation: last steps at the final budget, masks frozen
+    delta_t: int = field(default=10, metadata=bounds(1))   # allocation: steps between reallocations
     adapter: str = ""                                   # extra AdapterConfig settings for every student, e.g. 'gate_penalty=0.02,gate_init=2'
     out_dir: str = "runs/planted"                       # folder for the tokenizer cache, the plots and the summary
     results_dir: str = "results"                        # folder whose planted.jsonl gets one line per (scenario, method, seed)
-    threads: int = field(default=1, metadata=_bounds(0))  # CPU threads (0 = PyTorch's default)
+    threads: int = field(default=1, metadata=bounds(0))  # CPU threads (0 = PyTorch's default)
     precision: str = "fp32"                             # the students' training forward passes: fp32 | bf16 (autocast) | auto (runtime.select_precision); scoring stays fp32
 
     def __post_init__(self):
-        for f in fields(self):                           # the bounds in each field's metadata, as train.check_config
-            low, high, low_open, high_open = f.metadata.get("bounds", (None, None, False, False))
-            value, name = getattr(self, f.name), "--" + f.name.replace("_", "-")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
-                        or (high is not None and (value >= high if high_open else value > high)):
-                    raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+        check_config(self)                               # the bounds in each field's metadata, and finiteness
         bad = [s for s in self.scenario_list if s not in SCENARIOS]
         if bad or not self.scenario_list:
             raise ValueError(f"--scenarios: unknown {bad}; choose from {list(SCENARIOS)}")
@@ -116,7 +108,7 @@ class PlantedConfig:
         if self.alloc_rank < self.rank:
             raise ValueError(f"--alloc-rank ({self.alloc_rank}) must be >= --rank ({self.rank}): allocation prunes "
                              f"from alloc_rank down to rank")
-        if any(m in ("alloc", "dynlora", "adalora") for m in self.method_list) and self.t_init + self.t_final >= self.steps:
+        if any(dynlora.METHODS[m]["allocation"] for m in self.method_list) and self.t_init + self.t_final >= self.steps:
             raise ValueError(f"--t-init ({self.t_init}) + --t-final ({self.t_final}) must be < --steps ({self.steps})")
         if "input" in self.scenario_list and self.rank % 2:
             raise ValueError(f"scenario input splits the k = --rank components into two halves; use an even --rank, "
@@ -146,7 +138,7 @@ class PlantedConfig:
             if not sep or key not in kinds:
                 raise ValueError(f"--adapter: {item!r} is not key=value with a key of AdapterConfig "
                                  f"({sorted(kinds)})")
-            if key in ("r", "target_r", "targets", "modules_to_save", "form", "allocation", "gating"):
+            if key in ("r", "target_r", "targets", "modules_to_save", *dynlora.SWITCHES):
                 raise ValueError(f"--adapter: {key} is set by the benchmark (--rank, --alloc-rank, --targets, --methods)")
             kind = kinds[key]
             out[key] = (value.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(value)
@@ -421,7 +413,7 @@ def student_config(cfg: PlantedConfig, method: str) -> dynlora.AdapterConfig:
 
 
 def train_student(base: GPT, method: str, cfg: PlantedConfig, seed: int, train_idx: torch.Tensor,
-                  train_target: torch.Tensor, denominator: float, gate_class=None, after_apply=None):
+                  train_target: torch.Tensor, denominator: float, after_apply=None):
     """Distil one student; returns (student in eval mode, its allocator or None, the loss curve).
 
     after_apply(student), if given, runs after the adapters are applied (the tests use it to break a
@@ -430,25 +422,20 @@ def train_student(base: GPT, method: str, cfg: PlantedConfig, seed: int, train_i
     acfg = student_config(cfg, method)
     rt = runtime.Runtime(torch.device("cpu"), cfg.resolved_precision)
     torch.manual_seed(7919 * seed + 1)
-    dynlora.apply_lora(student, acfg, gate_class)
+    dynlora.apply_lora(student, acfg)
     if after_apply is not None:
         after_apply(student)
     allocator = dynlora.RankAllocator(student, acfg, cfg.steps) if acfg.allocation else None
-    gate_ids = {id(p) for p in dynlora.gate_parameters(student)}         # at gate_lr_mult x the learning rate
     params = [p for p in student.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in gate_ids], "lr_mult": 1.0}]
-    if gate_ids:
-        groups.append({"params": [p for p in params if id(p) in gate_ids], "lr_mult": acfg.gate_lr_mult})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+    opt = train.make_optimizer(student, cfg.lr, weight_decay=0.0, gate_lr_mult=acfg.gate_lr_mult)
     rng = np.random.default_rng([seed, 11])                 # the same batches for every method of a seed
     warmup = max(1, cfg.steps // 20)
     curve = []
     student.train()
-    for t in range(1, cfg.steps + 1):
-        progress = min(1.0, (t - warmup) / max(1, cfg.steps - warmup)) if t > warmup else 0.0
-        scale = t / warmup if t <= warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * scale * group["lr_mult"]
+    for t in range(1, cfg.steps + 1):                        # t: the steps taken, this one included
+        # train.cosine_schedule counts steps from 0: the warm-up is read at t - 1, the decay at t, so that a
+        # student's decay ends at a tenth of the peak on its last step (as the committed results were made).
+        train.set_lr(opt, cfg.lr * train.cosine_schedule(t - 1 if t <= warmup else t, cfg.steps, warmup, 0.1))
         b = torch.from_numpy(rng.choice(len(train_idx), size=min(cfg.batch_size, len(train_idx)), replace=False))
         with rt.autocast():                                  # matmuls in bf16 with --precision bf16
             h = student.hidden_states(train_idx[b])
@@ -482,7 +469,6 @@ def train_student(base: GPT, method: str, cfg: PlantedConfig, seed: int, train_i
 #                      against its variance across layers (Var over layers of the layer's mean gate) and across
 #                      components (Var over layers and components of E_t g: how much of the gate is a static
 #                      switch). By the law of total variance the last two plus the first are the whole.
-#   paired_interval    mean of paired differences and its t-based 95% interval.
 # ---------------------------------------------------------------------------------------------------------
 
 def relative_error(h_student: torch.Tensor, h_teacher: torch.Tensor, h_base: torch.Tensor) -> float:
@@ -504,61 +490,6 @@ def rank_correlation(final_ranks: list[int], planted: list[int]) -> float | None
     return data.spearman(np.array(final_ranks, dtype=float), np.array(planted, dtype=float))
 
 
-def mutual_information_bits(x, y) -> float:
-    """I(X; Y) in bits of two discrete variables from their paired samples (plug-in estimate)."""
-    x, y = np.asarray(x), np.asarray(y)
-    if x.shape != y.shape or x.ndim != 1 or len(x) == 0:
-        raise ValueError(f"mutual_information_bits needs two 1-D arrays of one length, got {x.shape} and {y.shape}")
-    _, xi = np.unique(x, return_inverse=True)
-    _, yi = np.unique(y, return_inverse=True)
-    joint = np.zeros((xi.max() + 1, yi.max() + 1))
-    np.add.at(joint, (xi, yi), 1.0)
-    joint /= joint.sum()
-    px, py = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-    nz = joint > 0
-    return float((joint[nz] * np.log2(joint[nz] / (px @ py)[nz])).sum())
-
-
-def open_pattern(g: torch.Tensor, threshold: float = 0.5) -> np.ndarray:
-    """(N, r) effective gates -> (N,) one integer per token coding which components are open."""
-    bits = (g > threshold).long()
-    return (bits * (2 ** torch.arange(g.shape[1]))).sum(1).numpy()
-
-
-def gate_variances(gates: dict[str, torch.Tensor]) -> dict:
-    """gates: layer -> (N, k) effective gates of its active components, the same N tokens in every layer.
-    A layer whose components were all switched off by allocation (k = 0) has no gate to vary: left out."""
-    gates = {n: g for n, g in gates.items() if g.shape[1] > 0}
-    per_layer_mean = torch.stack([g.mean() for g in gates.values()])             # (L,)
-    comp_means = torch.cat([g.mean(0) for g in gates.values()])                  # (sum k,)
-    token_var = torch.cat([g.var(0, unbiased=False) for g in gates.values()])    # (sum k,)
-    return {"gate_var_tokens": float(token_var.mean()),
-            "gate_var_layers": float(per_layer_mean.var(unbiased=False)) if len(per_layer_mean) > 1 else 0.0,
-            "gate_var_components": float(comp_means.var(unbiased=False))}
-
-
-# Two-sided 95% quantiles of Student's t distribution, t_{0.975, df}, for df = 1..30.
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def paired_interval(diffs) -> tuple[float, float, float]:
-    """(mean, lo, hi): the mean of paired differences and its 95% interval, mean +- t_{0.975, n-1} s / sqrt(n)
-    with s the sample standard deviation (ddof 1). Above df = 30 the normal quantile 1.96 is used; with one
-    difference the interval is (nan, nan)."""
-    d = np.asarray(list(diffs), dtype=float)
-    if d.size == 0:
-        raise ValueError("paired_interval needs at least one difference")
-    mean = float(d.mean())
-    if d.size == 1:
-        return mean, float("nan"), float("nan")
-    df = d.size - 1
-    t = T_975[df - 1] if df <= len(T_975) else 1.96
-    half = t * float(d.std(ddof=1)) / math.sqrt(d.size)
-    return mean, mean - half, mean + half
-
-
 @torch.no_grad()
 def score_student(student: nn.Module, heldout: torch.Tensor, h_teacher: torch.Tensor, h_base: torch.Tensor,
                   kinds: dict[str, torch.Tensor] | None) -> dict:
@@ -566,17 +497,17 @@ def score_student(student: nn.Module, heldout: torch.Tensor, h_teacher: torch.Te
     (kinds: layer -> (N,) planted kind per held-out token, in scenario input)."""
     if not dynlora.live_gates(student):
         return {"rel_error": relative_error(hidden(student, heldout), h_teacher, h_base)}
-    with dynlora.gate_values(student) as values:
+    with analysis.gate_values(student) as values:
         h = hidden(student, heldout)
     out = {"rel_error": relative_error(h, h_teacher, h_base)}
     gates = values.values()                                    # layer -> (N, k) gates of its active components
-    out.update(gate_variances(gates))
+    out.update(analysis.gate_variances(gates))
     out["mean_effective_rank"] = float(np.mean([(g > 0.5).sum(1).float().mean() for g in gates.values()]))
     if kinds is not None:
         mi, gap = [], []
         for name, g in gates.items():
             k = kinds[name].numpy()
-            mi.append(mutual_information_bits(open_pattern(g), k))
+            mi.append(analysis.mutual_information_bits(analysis.open_pattern(g), k))
             if g.shape[1]:
                 gap.append(float((g[k == 1].mean(0) - g[k == 0].mean(0)).abs().mean()))
         out["gate_mi_bits"] = float(np.mean(mi))
@@ -637,11 +568,11 @@ def make_setting(base: GPT, streams: tuple[np.ndarray, np.ndarray], cfg: Planted
 
 
 def run_one(base: GPT, setting: Setting, cfg: PlantedConfig, scenario: str, method: str, seed: int,
-            gate_class=None, after_apply=None) -> dict:
+            after_apply=None) -> dict:
     """Train and score one student; the metrics as a dict (no file is written)."""
     t0 = time.time()
     student, allocator, curve = train_student(base, method, cfg, seed, setting.train_idx, setting.train_target,
-                                              setting.denominator, gate_class, after_apply)
+                                              setting.denominator, after_apply)
     scores = score_student(student, setting.heldout, setting.h_teacher, setting.h_base, setting.kinds)
     layers = dynlora.adapter_layers(student)
     final = [m.active_components() for _, m in layers]
@@ -667,7 +598,10 @@ def run_id(cfg: PlantedConfig, scenario: str, method: str, seed: int, backbone_s
     """A name for one result: the scenario, method and seed, and a hash of every setting it depends on --
     the benchmark's, the student's whole AdapterConfig (so a new default in dynlora.py is a new result) and,
     for a pretrained backbone, the hash of its file (backbone_sha; '' for a random backbone)."""
-    settings = {"planted": cfg.result_settings(), "adapter": asdict(student_config(cfg, method))}
+    adapter = asdict(student_config(cfg, method))
+    if adapter["gate"] == "rank":         # the only gate before AdapterConfig.gate: earlier results keep their ids
+        del adapter["gate"]
+    settings = {"planted": cfg.result_settings(), "adapter": adapter}
     if backbone_sha:
         settings["backbone_sha256"] = backbone_sha
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:10]
@@ -757,7 +691,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                    "wall_s": mean("wall_s")}
             diffs = [r["rel_error"] - lora[r["seed"]] for r in mine if r["seed"] in lora]
             if method != "lora" and diffs:
-                row["diff_to_lora"] = paired_interval(diffs)
+                m, half, _ = runs.paired_ci(diffs)            # no interval from one pair or equal differences
+                row["diff_to_lora"] = (m, math.nan, math.nan) if half is None else (m, m - half, m + half)
                 row["n_pairs"] = len(diffs)
             out.append(row)
     return out
@@ -778,44 +713,4 @@ def summary_table(rows: list[dict]) -> str:
         lines.append(f"| {s['scenario']} | {s['method']} | {s['n']} | {f(s['rel_error'])} ± {f(s['rel_error_sd'])} "
                      f"| {d} | {f(s['budget_share'], '.2f')} | {f(s['rank_spearman'], '.2f')} "
                      f"| {f(s['gate_mi_bits'])} | {var} | {f(s['rel_error_frozen_gates'])} | {f(s['wall_s'], '.0f')} |")
-    return "\n".join(lines) + "\n"
-
-
-def variant_table(rows: list[dict]) -> str:
-    """A markdown table of result lines made with different settings (the side studies): one row per
-    (scenario, method, settings), the settings named by the --flags in which the lines differ; each method is
-    paired with the lora lines of the same scenario, seed and settings (lora does not read --adapter)."""
-    configs = [r["config"] for r in rows]
-    varying = sorted(k for k in configs[0] if k != "adapter" and len({json.dumps(c.get(k)) for c in configs}) > 1) \
-        if configs else []
-
-    def label(r, with_gate=True):
-        """The varying --flags, and a gated method's gate as it ran (from the line's own adapter_config)."""
-        bits = [f"--{k.replace('_', '-')} {r['config'][k]}" for k in varying]
-        a = r["adapter_config"]
-        if with_gate and a["gating"]:
-            bits.append(f"gate p={a.get('gate_x_dims', 0)}, penalty {a['gate_penalty']:g}, init {a['gate_init']:g}")
-        return "; ".join(bits) or "defaults"
-    lora = {(r["scenario"], r["seed"], label(r, False)): r["rel_error"] for r in rows if r["method"] == "lora"}
-    groups = {}
-    for r in rows:
-        group = groups.setdefault((r["scenario"], r["method"], label(r)), [])
-        if all(o["seed"] != r["seed"] for o in group):       # one line per seed (a rerun repeats a line)
-            group.append(r)
-    lines = ["| scenario | method | settings | n | rel. error | minus lora [95% CI] | gate MI (bit) "
-             "| frozen-gate error | open components per token |", "|---|---|---|---|---|---|---|---|---|"]
-    for (scenario, method, settings), mine in sorted(groups.items()):
-        diffs = [r["rel_error"] - lora[key] for r in mine if (key := (scenario, r["seed"], label(r, False))) in lora]
-        d = "—"
-        if method != "lora" and len(diffs) > 1:
-            m, lo, hi = paired_interval(diffs)
-            d = f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={len(diffs)})"
-        elif method != "lora" and diffs:
-            d = f"{diffs[0]:+.3f} (n=1, no interval)"
-
-        def mean(key):
-            values = [r[key] for r in mine if r.get(key) is not None]
-            return f"{np.mean(values):.3f}" if values else "—"
-        lines.append(f"| {scenario} | {method} | {settings} | {len(mine)} | {mean('rel_error')} | {d} "
-                     f"| {mean('gate_mi_bits')} | {mean('rel_error_frozen_gates')} | {mean('mean_effective_rank')} |")
     return "\n".join(lines) + "\n"

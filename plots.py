@@ -16,6 +16,8 @@ plots.py -- the figures a run writes next to its metrics (matplotlib, PNG, no sc
                       mean, the majority-class line), glue_paired (the paired differences to LoRA with their
                       95% t intervals, a line at 0, the smallest resolvable difference as a band) and
                       glue_merged_costs (merged minus best-epoch score of the gated runs)
+  headline            the README's figure (report.headline_numbers): each dynamic method minus LoRA with its 95%
+                      interval, on GLUE and in each scenario of the known-answer benchmark
 
 Each function takes plain Python data (lists of dicts from the metrics log, or dicts of arrays), so the
 notebooks can call them on saved runs.
@@ -28,6 +30,8 @@ import matplotlib
 matplotlib.use("Agg")  # render to files; no display is needed (or available on servers)
 import matplotlib.pyplot as plt
 import numpy as np
+
+import dynlora
 
 
 def _save(fig, path):
@@ -159,7 +163,7 @@ def effective_rank_hist(per_token_rank: dict, r: int, path):
 def planted_scenario(rows: list, scenario: str, path) -> Path:
     """rows: planted.py's result lines of one scenario (any methods and seeds). Returns the path written."""
     path = Path(path)
-    methods = [m for m in ("lora", "alloc", "gate", "dynlora", "adalora") if any(r["method"] == m for r in rows)]
+    methods = [m for m in dynlora.METHODS if any(r["method"] == m for r in rows)]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
     frozen_label = "gates frozen to their mean"
     for i, m in enumerate(methods):
@@ -292,7 +296,10 @@ def adapter_diagram(gate: bool = True, allocation: bool = True, path=None):
 # GLUE results (notebook 7): one panel per task, so that each task keeps its own scale; the numbers come from
 # report.py (the notebook passes them in), the legends sit below the panels, outside the data.
 
-METHOD_COLORS = {"full": "C0", "lora": "C1", "alloc": "C2", "gate": "C3", "dynlora": "C4", "adalora": "C5"}
+def method_color(method: str) -> str:
+    """A method's colour in every GLUE figure: its place in dynlora.method_names() (full C0, lora C1, ...)."""
+    names = dynlora.method_names()
+    return f"C{names.index(method)}" if method in names else "grey"
 
 
 def _task_panels(tasks: list, width: float = 2.7, height: float = 3.4):
@@ -362,7 +369,7 @@ def glue_scores(scores: dict, majority: dict, weak: set, title: str, path=None):
             by_seed = scores[task][m]
             for seed, v in by_seed.items():
                 ax.plot(i + 0.3 * (seeds.index(seed) / max(1, len(seeds) - 1) - 0.5), v, marker[seed], ls="",
-                        color=METHOD_COLORS.get(m, "grey"), alpha=0.8, ms=5)
+                        color=method_color(m), alpha=0.8, ms=5)
             ax.plot([i - 0.28, i + 0.28], [np.mean(list(by_seed.values()))] * 2, "-", color="k", lw=2)
         if base is not None and lo - pad <= base <= hi + pad:
             ax.axhline(base, color="k", ls="--", lw=1)
@@ -391,7 +398,7 @@ def glue_paired(intervals: dict, resolvable: dict, weak: set, title: str, path=N
     paired; a star where the interval excludes 0), a line at 0, and a grey band of ± the task's smallest
     resolvable difference.
 
-    intervals: {task: {method: (mean, half-width or None, n pairs)}} (report.paired_ci); resolvable: {task:
+    intervals: {task: {method: (mean, half-width or None, n pairs)}} (runs.paired_ci); resolvable: {task:
     (half-width or None, n)} (report.resolvable_difference); weak: the uninformative tasks. A method without a
     pair on a task (n = 0) is left out of its panel. Returns the figure, written to `path` if given; None when no
     task has a pair."""
@@ -411,7 +418,7 @@ def glue_paired(intervals: dict, resolvable: dict, weak: set, title: str, path=N
         labels = []
         for i, m in enumerate(methods):
             mean, half, n = intervals[task][m]
-            color = METHOD_COLORS.get(m, "grey")
+            color = method_color(m)
             if half is None:
                 ax.plot(i, mean, "o", mfc="white", mec=color, ms=7, mew=1.5)
                 labels.append(f"{m}\nn={n}")                                 # one pair, or equal ones
@@ -447,7 +454,7 @@ def glue_merged_costs(costs: dict, title: str, path=None):
     tasks = [t for t in costs if any(costs[t].values())]
     if not tasks:
         return None
-    methods = [m for m in METHOD_COLORS if any(costs[t].get(m) for t in tasks)]
+    methods = [m for m in dynlora.method_names() if any(costs[t].get(m) for t in tasks)]
     fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(tasks) + 2), 3.4))
     width = 0.7 / len(methods)
     for j, m in enumerate(methods):
@@ -457,16 +464,53 @@ def glue_merged_costs(costs: dict, title: str, path=None):
                 continue
             x = i + (j - (len(methods) - 1) / 2) * width
             ax.plot(x + np.linspace(-0.25, 0.25, c.size) * width if c.size > 1 else [x], c, "o",
-                    color=METHOD_COLORS[m], alpha=0.75, ms=5)
-            ax.plot([x - 0.4 * width, x + 0.4 * width], [c.mean()] * 2, "-", color=METHOD_COLORS[m], lw=2)
+                    color=method_color(m), alpha=0.75, ms=5)
+            ax.plot([x - 0.4 * width, x + 0.4 * width], [c.mean()] * 2, "-", color=method_color(m), lw=2)
     ax.axhline(0, color="k", lw=1)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_xlim(-0.6, len(tasks) - 0.4)
     ax.set(title=title, ylabel="merged − best-epoch score, points x 100")
     ax.grid(alpha=0.3, axis="y")
-    handles = [Line2D([], [], ls="", marker="o", color=METHOD_COLORS[m], label=f"{m}: one run") for m in methods]
+    handles = [Line2D([], [], ls="", marker="o", color=method_color(m), label=f"{m}: one run") for m in methods]
     handles.append(Line2D([], [], color="k", lw=2, label="bar: mean over runs"))
     fig.tight_layout()
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     _save_tight(fig, path)
+    return fig
+
+
+def headline(numbers: dict, path=None):
+    """The README's headline figure: one panel for GLUE (each method minus LoRA on numbers["task"], points x 100,
+    95% t interval) and one per known-answer scenario (relative error minus LoRA's; below 0 is better), each
+    interval's method in its color, a line at 0. numbers: report.headline_numbers. Returns the figure, written
+    to `path` if given; None when there is nothing to draw."""
+    panels = []                                              # (title, ylabel, {method: (mean, low, high)})
+    if numbers.get("task"):
+        panels.append((f"GLUE {numbers['task']} ({numbers['suite']})", "method − LoRA, points (higher is better)",
+                       {m: (mean, mean - half, mean + half) if half is not None else (mean, None, None)
+                        for m, (mean, half, n) in numbers["glue"].items() if n}))
+    for scenario, cells in numbers.get("planted", {}).items():
+        panels.append((f"known answer: {scenario}", "rel. error − LoRA's (lower is better)",
+                       {m: (mean, None, None) if np.isnan(low) else (mean, low, high)
+                        for m, (mean, low, high) in cells.items()}))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels) + 0.6, 3.2), squeeze=False)
+    for k, (ax, (title, ylabel, cells)) in enumerate(zip(axes[0], panels)):
+        for i, (m, (mean, low, high)) in enumerate(cells.items()):
+            color = method_color(m)
+            if low is None:
+                ax.plot(i, mean, "o", mfc="white", mec=color, ms=7, mew=1.5)
+            else:
+                ax.errorbar(i, mean, yerr=[[mean - low], [high - mean]], fmt="o", color=color, capsize=4, lw=1.5)
+        ax.axhline(0, color="k", lw=1)
+        ax.set_xticks(range(len(cells)), list(cells), fontsize=8)
+        ax.set_xlim(-0.6, len(cells) - 0.4)
+        ax.set_title(title, fontsize=9)
+        if k == 0 or ylabel != panels[k - 1][1]:               # one label per kind of panel
+            ax.set_ylabel(ylabel, fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    _save_tight(fig, path)
+    plt.close(fig)
     return fig

@@ -1,15 +1,14 @@
 """
-report.py -- what a run reports: the README's result tables and the benchmark table, from results/.
+report.py -- what a run reports: the results page (RESULTS.md) and the README's headline, from results/.
 
-    python train.py report        # re-renders the tables between the README's result markers
+    python cli.py report          # re-renders RESULTS.md's tables and the README's headline between their markers
 
 What this file holds, in order:
-  1. Statistics    -- t_quantile_95 (two-sided 95% t quantiles, df 1..30, normal above), paired_ci (mean and
-                      t interval half-width of paired differences), paired_diffs (a method minus LoRA, runs
-                      of the same task and seed paired), cross_suite_diffs (the same across two suites),
+  1. Statistics    -- paired_diffs (a method minus LoRA, runs of the same task and seed paired, for
+                      runs.paired_ci's t interval), cross_suite_diffs (the same across two suites),
                       resolvable_difference (the smallest difference the seeds can resolve), merged_costs
                       (merged model minus the best-epoch model it came from).
-  2. Baselines     -- default_data_dir, majority_scores: the dev score of the majority-class predictor per
+  2. Baselines     -- majority_scores: the dev score of the majority-class predictor per
                       task (data.majority_baseline), "—" where the GLUE files are not found.
   3. render_report -- split_suites (the suites, the pretrained backbone's first) and suite_columns (a suite's
                       tasks, methods, majority scores and uninformative tasks); paired_summary (the paired
@@ -24,9 +23,15 @@ What this file holds, in order:
   4. render_bench  -- the benchmark's figures and targets (results/bench.json, written by bench.py), each
                       target marked ✓ or ✗ missed (target_met).
   5. render_import -- the check of an imported backbone (results/import.json).
-  6. write_report  -- all of it, written between the README's <!-- results:start --> and <!-- results:end -->.
+  6. render_tune   -- the tuning trials and choices so far (results/tune.jsonl, written by tune.py).
+  7. The headline  -- headline_numbers, render_headline: one small table for the README (each dynamic method
+                      against LoRA on the GLUE task its seeds resolve best, and on the known-answer benchmark's
+                      scenarios), with the tuning's progress; plots.headline draws it (results/headline.png).
+  8. write_report  -- all of it: the tables between RESULTS.md's <!-- results:start --> and <!-- results:end -->,
+                      the headline between the README's <!-- headline:start --> and <!-- headline:end -->.
 
-Every number in the README's tables comes from a results file through these functions, never by hand.
+Every number in RESULTS.md's tables and the README's headline comes from a results file through these
+functions, never by hand.
 """
 
 import json
@@ -39,54 +44,38 @@ import numpy as np
 import data
 import dynlora
 import planted
+import plots
 import runs
+import tune
 
-README = runs.REPO / "README.md"
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+RESULTS_PAGE = runs.REPO / "RESULTS.md"     # the results page: every generated table, and their discussion
+RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
+README = runs.REPO / "README.md"            # the front door: only the headline is generated
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+HEADLINE_SUITE = "smollm2"                  # the suite whose paired differences the headline shows
+HEADLINE_FIGURE = "headline.png"            # in the results folder: the headline drawn (plots.headline)
 
 TASK_ORDER = ["CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "WNLI"]
-METHOD_ORDER = ["full", "lora", "alloc", "gate", "dynlora", "adalora"]
 BASELINE = "lora"                                               # every paired difference is to LoRA
-DYNAMIC = [m for m in dynlora.METHODS if m != BASELINE]         # alloc, gate, dynlora, adalora
-GATED = [m for m, preset in dynlora.METHODS.items() if preset["gating"]]   # gate, dynlora
+
+
+# The methods come from dynlora's registry when a table is drawn (a method registered after import is in every
+# table): their order is dynlora.method_names(), the dynamic ones are every adapter method but LoRA, the gated
+# ones those whose METHODS entry turns gating on.
+
+def dynamic_methods() -> list:
+    """alloc, gate, dynlora, adalora, and any method registered since: every METHODS entry but BASELINE."""
+    return [m for m in dynlora.METHODS if m != BASELINE]
+
+
+def gated_methods() -> list:
+    """gate, dynlora, and any registered method with gating=True."""
+    return [m for m, preset in dynlora.METHODS.items() if preset["gating"]]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 1. Statistics
-#
-# Runs with the same seed share their batch order (and initialisation where shapes agree) across methods,
-# so a method is compared with LoRA seed by seed: d_s = score(method, s) - score(lora, s). With n pairs, the
-# 95% interval of the mean difference is mean(d) +- t(n - 1) sd(d) / sqrt(n), t the two-sided 95% quantile
-# of Student's t with n - 1 degrees of freedom.
-
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,      # df 1..10
-       2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,       # df 11..20
-       2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]       # df 21..30
-Z95 = 1.960                                                     # the normal quantile, for df > 30
-
-
-def t_quantile_95(df: int) -> float:
-    """The two-sided 95% quantile of Student's t with df degrees of freedom (t(2) = 4.303)."""
-    if df < 1:
-        raise ValueError(f"t_quantile_95 needs df >= 1, got {df}")
-    return T95[df - 1] if df <= len(T95) else Z95
-
-
-EQUAL_POINTS = 1e-9      # paired differences (in points) closer than this are equal: the same dev examples apart
-
-
-def paired_ci(diffs) -> tuple[float, float | None, int]:
-    """(mean, half-width of the 95% t interval, n) of paired differences; half-width None when n < 2, and
-    when the n differences are all equal: a spread of 0 is no estimate of the variance (with a metric counted
-    in whole dev examples, two seeds can differ by the same example count by chance), and the t interval it
-    would give, of width 0, would exclude 0 whatever n."""
-    diffs = np.asarray(diffs, dtype=np.float64)
-    n = len(diffs)
-    if n < 2 or np.ptp(diffs) < EQUAL_POINTS:
-        return (float(diffs.mean()) if n else math.nan), None, n
-    half = t_quantile_95(n - 1) * diffs.std(ddof=1) / math.sqrt(n)
-    return float(diffs.mean()), float(half), n
-
+# 1. Statistics: a method is compared with LoRA seed by seed, d_s = score(method, s) - score(lora, s), and the
+# mean difference gets the one 95% t interval of the project, runs.paired_ci (its edge cases are written there).
 
 def _by_seed(rows, task, method) -> dict:
     """{seed: record} of one task and method (a repeated seed: its last record)."""
@@ -115,15 +104,15 @@ def cross_suite_diffs(suites: dict, run, base, task, key="last_score") -> list[f
 def resolvable_difference(diff_lists) -> tuple[float | None, int]:
     """(t(n - 1) sd / sqrt(n), n): the half-width of a paired interval, with sd pooled over the given lists of
     differences (those with n >= 2) and n the fewest pairs among them; (None, 0) when no list has 2 pairs or
-    the pooled spread is 0 (see paired_ci)."""
+    the pooled spread is 0 (see runs.paired_ci)."""
     lists = [d for d in diff_lists if len(d) >= 2]
     if not lists:
         return None, 0
     pooled_var = sum((len(d) - 1) * np.var(d, ddof=1) for d in lists) / sum(len(d) - 1 for d in lists)
-    if math.sqrt(pooled_var) < EQUAL_POINTS:   # every list's differences are equal: no spread to go by
+    if math.sqrt(pooled_var) < runs.EQUAL_POINTS:   # every list's differences are equal: no spread to go by
         return None, 0
     n = min(len(d) for d in lists)
-    return t_quantile_95(n - 1) * math.sqrt(pooled_var) / math.sqrt(n), n
+    return runs.t_quantile_95(n - 1) * math.sqrt(pooled_var) / math.sqrt(n), n
 
 
 def merged_costs(rows, task, method) -> list[float]:
@@ -136,15 +125,6 @@ def merged_costs(rows, task, method) -> list[float]:
 # ---------------------------------------------------------------------------------------------------------
 # 2. Baselines: the majority class, decided on the train labels and scored on the dev labels with the task's
 # GLUE metric (for STS-B a constant prediction, whose correlation is 0: chance). Read afresh each time.
-
-def default_data_dir() -> Path | None:
-    """The GLUE folder: data.resolve_data_dir(None) ($GLUE_DIR, else ./data/glue), else ../shared/glue beside
-    the repository; None when neither exists."""
-    for folder in (data.resolve_data_dir(None), runs.REPO.parent / "shared" / "glue"):
-        if folder.is_dir():
-            return folder
-    return None
-
 
 def majority_score(task, data_dir) -> float | None:
     """The majority-class dev score of a task (the mean over MNLI's two dev splits); None without its files."""
@@ -252,7 +232,7 @@ def score_table(rows, tasks, methods, majority, labels, zero_shot: dict | None =
              "files were not found."]
     if zero_shot:
         notes.append("Zero-shot: the same backbone with no training, each task's prompt (`readout.PROMPTS`) read "
-                     "through the LM head's label words, on the whole dev set (`python train.py zeroshot`).")
+                     "through the LM head's label words, on the whole dev set (`python cli.py zeroshot`).")
     if any("†" in labels[t] for t in tasks):
         notes.append("† No method's mean score beats the majority class: the task is uninformative here.")
     return lines + [""] + notes
@@ -272,11 +252,11 @@ def _diff_cell(interval) -> str:
 
 
 def paired_summary(rows, tasks, methods) -> tuple[dict, dict]:
-    """({(task, method): paired_ci(paired_diffs(rows, task, method))} for every method but LoRA,
-    {task: resolvable_difference over the paired differences of the DYNAMIC methods on the task}): the numbers
+    """({(task, method): runs.paired_ci(paired_diffs(rows, task, method))} for every method but LoRA,
+    {task: resolvable_difference over the paired differences of the dynamic_methods() on the task}): the numbers
     of the paired table. A pair without runs is (nan, None, 0); a task without two pairs is (None, 0)."""
-    intervals = {(t, m): paired_ci(paired_diffs(rows, t, m)) for t in tasks for m in methods if m != BASELINE}
-    resolvable = {t: resolvable_difference([paired_diffs(rows, t, m) for m in DYNAMIC]) for t in tasks}
+    intervals = {(t, m): runs.paired_ci(paired_diffs(rows, t, m)) for t in tasks for m in methods if m != BASELINE}
+    resolvable = {t: resolvable_difference([paired_diffs(rows, t, m) for m in dynamic_methods()]) for t in tasks}
     return intervals, resolvable
 
 
@@ -289,12 +269,12 @@ def paired_table(rows, tasks, methods, labels) -> list:
              f"both ran of (method − LoRA) [95% t interval, df = n − 1]; a run is paired with LoRA's run of the "
              f"same task and seed (same batch order), an unpaired seed is left out. **Bold**: the interval "
              f"excludes 0. Last row: the smallest difference the seeds can resolve, t(n − 1)·sd/√n with sd "
-             f"pooled over the paired differences of the dynamic methods ({', '.join(DYNAMIC)}) on the task "
+             f"pooled over the paired differences of the dynamic methods ({', '.join(dynamic_methods())}) on the task "
              f"and n their fewest pairs.\n",
              "| method − lora | " + " | ".join(labels[t] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for m in others:
         lines.append(f"| {m} | " + " | ".join(_diff_cell(intervals[(t, m)]) for t in tasks) + " |")
-    if not set(DYNAMIC) & set(methods):
+    if not set(dynamic_methods()) & set(methods):
         return lines
     cells = []
     for t in tasks:
@@ -304,7 +284,7 @@ def paired_table(rows, tasks, methods, labels) -> list:
 
 
 def merged_cost_table(rows, tasks, methods, labels) -> list:
-    gated = [m for m in methods if m in GATED and any(merged_costs(rows, t, m) for t in tasks)]
+    gated = [m for m in methods if m in gated_methods() and any(merged_costs(rows, t, m) for t in tasks)]
     if not gated:
         return []
     lines = ["Merged-model cost of the gated methods: the dev score of the merged model (gates frozen to their "
@@ -369,14 +349,14 @@ def allocation_table(rows, tasks, methods, labels) -> list:
 
 
 def gates_table(gates: list, tasks, labels) -> list:
-    """How much the gates depend on the input on dev (records of `train.py gates`, one per gated run): the
+    """How much the gates depend on the input on dev (records of `cli.py gates`, one per gated run): the
     token share of the gate variance, the effective rank per token (mean +- its spread across tokens) and the
     mutual information between the open-gate pattern and the sentence's label; mean over seeds."""
-    methods = [m for m in GATED if any(g["method"] == m for g in gates)]
+    methods = [m for m in gated_methods() if any(g["method"] == m for g in gates)]
     if not methods:
         return []
     examples = sorted({g["dev_examples"] for g in gates})
-    lines = ["Gated methods: how much the gates depend on the input (`python train.py gates`; "
+    lines = ["Gated methods: how much the gates depend on the input (`python cli.py gates`; "
              f"{_count_range(examples)} dev examples per run). Per cell: token share of the gate variance, "
              "var across tokens / (var across tokens + var of the layer means across layers) -- near 0 for a "
              "static per-layer switch -- with the gates' standard deviation across tokens (sd, gate units); effective rank per token, mean ± sd across tokens, over the layers that keep "
@@ -416,9 +396,9 @@ CROSS_SUITE = [
 
 def cross_suite_table(suites: dict, comparisons=CROSS_SUITE) -> list:
     """The comparisons (run, base, question) that have paired runs in `suites` ({suite: its runs},
-    split_suites), as a table: the mean difference with its 95% t interval per task (paired_ci of
+    split_suites), as a table: the mean difference with its 95% t interval per task (runs.paired_ci of
     cross_suite_diffs)."""
-    cells = {(run, base, t): paired_ci(cross_suite_diffs(suites, run, base, t))
+    cells = {(run, base, t): runs.paired_ci(cross_suite_diffs(suites, run, base, t))
              for run, base, _ in comparisons for t in TASK_ORDER}
     asked = [(run, base, why) for run, base, why in comparisons
              if any(cells[(run, base, t)][2] for t in TASK_ORDER)]
@@ -447,7 +427,7 @@ def suite_of(record: dict) -> str:
     return record.get("suite") or "default"
 
 
-ZERO_SHOT = "zero-shot"     # the method of `train.py zeroshot`'s lines: a row of every table on its backbone
+ZERO_SHOT = "zero-shot"     # the method of `cli.py zeroshot`'s lines: a row of every table on its backbone
 
 
 def zero_shot_scores(results: list, rows: list) -> dict:
@@ -474,13 +454,13 @@ def suite_columns(rows: list, data_dir) -> tuple[list, list, dict, set]:
     order, {task: majority-class dev score, None without the GLUE files} and the tasks no method's mean final
     score beats the majority on."""
     tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in rows)]
-    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
+    methods = [m for m in dynlora.method_names() if any(r["method"] == m for r in rows)]
     majority = majority_scores(tasks, data_dir)
     return tasks, methods, majority, uninformative(rows, tasks, methods, majority)
 
 
 def render_suite(suite: str, rows: list, data_dir, gates: list = (), zero_shot: dict | None = None) -> str:
-    """One suite's tables; gates: the suite's records of `train.py gates`; zero_shot: {task: zero-shot score}."""
+    """One suite's tables; gates: the suite's records of `cli.py gates`; zero_shot: {task: zero-shot score}."""
     tasks, methods, majority, weak = suite_columns(rows, data_dir)
     labels = {t: t + ("†" if t in weak else "") for t in tasks}
     lines = [f"**Suite `{suite or 'default'}`** — GLUE dev score x 100 of the model at the end of training "
@@ -497,14 +477,14 @@ def render_suite(suite: str, rows: list, data_dir, gates: list = (), zero_shot: 
 
 def render_report(results: list, bench: dict | None = None, data_dir=None, gates: list = ()) -> str:
     """Markdown tables of the results, one group per suite (see render_suite); data_dir is the GLUE folder for
-    the majority-class row (default: default_data_dir()).
+    the majority-class row (default: data.find_data_dir()).
 
     A score is the dev score of the model at the end of training (`last_score`), not of the best epoch: GLUE's
     test labels are hidden, so the dev set is our test set, and picking the best of several epochs on it
     would flatter every method by its own noise; and an allocating method's best epoch can come before its
     budget has shrunk to the target, which would compare it to LoRA at a larger budget.
     """
-    data_dir = default_data_dir() if data_dir is None else Path(data_dir)
+    data_dir = data.find_data_dir() if data_dir is None else Path(data_dir)
     suites = split_suites(results)
     parts = [render_suite(s, rows, data_dir, [g for g in gates if suite_of(g) == s],
                           zero_shot_scores(results, rows) if pretrained_suite(s) else None)
@@ -553,7 +533,7 @@ def _target_cell(row: dict) -> str:
 
 
 def render_bench(bench: dict) -> str:
-    lines = [f"**Benchmark** (`python train.py bench`, {bench['machine']}, commit {bench['commit']}, "
+    lines = [f"**Benchmark** (`python cli.py bench`, {bench['machine']}, commit {bench['commit']}, "
              f"{bench['date']}):\n", "| figure | value | target |", "|---|---|---|"]
     for row in bench["rows"]:
         lines.append(f"| {row['name']} | {row['value']} | {_target_cell(row)} |")
@@ -566,9 +546,9 @@ def render_bench(bench: dict) -> str:
 # 5. The import check
 
 def render_import(record: dict) -> str:
-    """The check of an imported backbone (results/import.json, written by `train.py import --check`)."""
+    """The check of an imported backbone (results/import.json, written by `cli.py import --check`)."""
     return "\n".join([
-        f"**Import check** (`python train.py import --check`, {record['machine']}, commit {record['commit']}, "
+        f"**Import check** (`python cli.py import --check`, {record['machine']}, commit {record['commit']}, "
         f"{record['date']}): `{record['source']}` -> `{record['out_dir']}` (backbone sha256 "
         f"{record['backbone_sha256'][:12]}...)\n",
         "| figure | value |", "|---|---|",
@@ -582,24 +562,186 @@ def render_import(record: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6. Writing the README
+# 6. The tuning so far: each task and method's trials (scored on held-out training data, never on dev) and
+# its choice once all its trials are in.
 
-def write_report(readme: Path = README, results_dir: Path = runs.RESULTS_DIR, data_dir=None) -> str:
-    """Replace the text between the README's result markers with freshly rendered tables."""
-    bench_path = Path(results_dir) / "bench.json"
+def render_tune(lines: list) -> str:
+    """The trials and choices of results/tune.jsonl (tune.py): per task and method, each setting's validation
+    score(s) of the final model, and the chosen setting; '' without lines."""
+    trials = [r for r in lines if r.get("kind") == "trial"]
+    choices = {(r["task"], r["method"]): r for r in lines if r.get("kind") == "choice"}   # the last one counts
+    if not trials:
+        return ""
+    order = {m: i for i, m in enumerate(dynlora.method_names())}
+    cells = sorted({(r["task"], r["method"]) for r in trials},
+                   key=lambda tm: (TASK_ORDER.index(tm[0]) if tm[0] in TASK_ORDER else len(TASK_ORDER), tm[0],
+                                   order.get(tm[1], len(order)), tm[1]))
+    out = ["**Tuning** (`python cli.py tune`, results/tune.jsonl): each setting scored on held-out *training* "
+           "examples (`--val-fraction`), never on dev -- the validation score x 100 of the model at the end of "
+           "training, per seed; the choice is the best mean (docs/reproduce.md, the tune protocol).\n",
+           "| task | method | trials | setting: validation score | choice |", "|---|---|---|---|---|"]
+    for task, method in cells:
+        mine = [r for r in trials if (r["task"], r["method"]) == (task, method)]
+        tried = "; ".join(f"{tune.describe(r['setting'])}: "
+                          + ("diverged" if r.get("val_score") is None else _points(100 * r["val_score"]))
+                          + f" (s{r['seed']})" for r in mine)
+        choice = choices.get((task, method))
+        chosen = (f"{tune.describe(choice['setting'])} ({_points(100 * choice['val_score'])})" if choice
+                  else "not yet: trials running")
+        out.append(f"| {task} | {method} | {len(mine)} | {tried} | {chosen} |")
+    commits = sorted({r["commit"] for r in trials if r.get("commit")})
+    return "\n".join(out) + f"\n\nCommits: {', '.join(commits) or '—'}.\n"
+
+
+def tune_progress(lines: list) -> str:
+    """One sentence: how far the tuning in results/tune.jsonl has come."""
+    trials = [r for r in lines if r.get("kind") == "trial"]
+    chosen = sorted({f"{r['task']}/{r['method']}" for r in lines if r.get("kind") == "choice"})
+    if not trials:
+        return "no tuning trial has finished yet (results/tune.jsonl is empty)"
+    cells = sorted({f"{r['task']}/{r['method']}" for r in trials})
+    return (f"{len(trials)} tuning trial(s) finished, on {', '.join(cells)}; choices made: "
+            f"{', '.join(chosen) if chosen else 'none yet'} (results/tune.jsonl)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. The headline: does each dynamic method beat LoRA? On GLUE, on the task of HEADLINE_SUITE whose seeds
+# resolve the smallest difference (and a count over its other tasks); on the known-answer benchmark, in each
+# scenario. A cell's verdict is "better" or "worse" when its 95% interval excludes 0, else "tie".
+
+def _verdict(low, high, higher_is_better: bool) -> str:
+    if low is None or high is None or math.isnan(low) or math.isnan(high) or (low <= 0 <= high):
+        return "tie"
+    return "better" if (low > 0) == higher_is_better else "worse"
+
+
+def headline_numbers(results: list, planted_rows: list) -> dict:
+    """{"suite", "task", "resolvable", "glue": {method: (mean, half or None, n)}, "others": {method: [better,
+    tie, worse] over the suite's other tasks}, "planted": {scenario: {method: (mean, low, high)}}} of the
+    dynamic_methods(); "task" None without the suite's runs, "planted" {} without known-answer lines."""
+    rows = split_suites(results).get(HEADLINE_SUITE, [])
+    tasks, methods = suite_columns_of(rows)
+    intervals, resolvable = paired_summary(rows, tasks, methods)
+    resolved = [t for t in tasks if resolvable[t][0] is not None]
+    task = min(resolved, key=lambda t: resolvable[t][0]) if resolved else None
+    dynamic = [m for m in dynamic_methods() if m in methods]
+    glue = {m: intervals[(task, m)] for m in dynamic} if task else {}
+    others = {}
+    for m in dynamic:
+        counts = {"better": 0, "tie": 0, "worse": 0}
+        for t in tasks:
+            mean, half, n = intervals[(t, m)]
+            if t != task and half is not None:                  # only the tasks with an interval count
+                counts[_verdict(mean - half, mean + half, True)] += 1
+        others[m] = [counts["better"], counts["tie"], counts["worse"]]
+    known = {}
+    for row in planted.summarize(planted_rows):
+        if row["method"] in dynamic_methods() and row.get("diff_to_lora"):
+            known.setdefault(row["scenario"], {})[row["method"]] = row["diff_to_lora"]
+    return {"suite": HEADLINE_SUITE, "task": task, "resolvable": resolvable.get(task) if task else None,
+            "glue": glue, "others": others, "planted": known}
+
+
+def suite_columns_of(rows: list) -> tuple[list, list]:
+    """(tasks, methods) of one suite's lines in the report's order (suite_columns without the GLUE files)."""
+    return ([t for t in TASK_ORDER if any(r["task"] == t for r in rows)],
+            [m for m in dynlora.method_names() if any(r["method"] == m for r in rows)])
+
+
+PLANTED_LABELS = {"heterogeneous": "rank planted in a few layers", "input": "updates that depend on the token",
+                  "homogeneous": "control: LoRA's own structure"}
+
+
+def render_headline(numbers: dict, tune_lines: list = ()) -> str:
+    """The README's headline table of headline_numbers (each dynamic method minus LoRA, with a verdict: better
+    or worse where the 95% interval excludes 0, else tie) and a line on the tuning's progress."""
+    task, known = numbers["task"], numbers["planted"]
+    scenarios = [s for s in planted.SCENARIOS if s in known]
+    methods = list(dict.fromkeys(list(numbers["glue"]) + [m for s in scenarios for m in known[s]]))
+    if not methods:
+        return f"No results yet: `python cli.py report` fills this table from results/; {tune_progress(tune_lines)}.\n"
+    head = ["method − LoRA"]
+    if task:
+        half, n = numbers["resolvable"]
+        head += [f"GLUE {task}, points [95% CI]", "GLUE, other tasks: better / tie / worse"]
+    head += [f"known answer: {PLANTED_LABELS.get(s, s)}" for s in scenarios]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m in methods:
+        cells = [m]
+        if task:
+            counts = numbers["others"].get(m, [0, 0, 0])
+            cells += [_headline_glue_cell(numbers["glue"].get(m, (math.nan, None, 0))),
+                      " / ".join(map(str, counts)) if sum(counts) else "— (no interval)"]
+        for s in scenarios:
+            if m not in known[s]:
+                cells.append("—")
+                continue
+            mean, low, high = known[s][m]
+            interval = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"
+            verdict = _verdict(low, high, False)
+            cells.append(f"{mean:+.3f}{interval} " + (f"**{verdict}**" if verdict == "better" else verdict))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    if task:
+        half, n = numbers["resolvable"]
+        notes.append(f"GLUE: suite `{numbers['suite']}` (SmolLM2-135M, the short CPU recipe), dev score x 100 of the "
+                     f"final model minus LoRA's, paired by seed; {task} is the task whose seeds resolve the "
+                     f"smallest difference (±{half:.1f} points, n={n}); the other tasks count the intervals that "
+                     f"exclude 0.")
+    if scenarios:
+        notes.append("Known answer: `python cli.py planted`, relative error of the student minus LoRA's (lower is "
+                     "better), paired by seed.")
+    notes.append(f"Tuned recipe: {tune_progress(tune_lines)}.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def _headline_glue_cell(interval) -> str:
+    mean, half, n = interval
+    if not n:
+        return "—"
+    if half is None:
+        return f"{_signed(mean)} (n={n}, no interval)"
+    verdict = _verdict(mean - half, mean + half, True)
+    return f"{_signed(mean)} [{_signed(mean - half)}, {_signed(mean + half)}] " + \
+        (f"**{verdict}**" if verdict == "better" else verdict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Writing RESULTS.md and the README's headline
+
+def _fill(path: Path, start: str, end: str, text: str):
+    """Replace the text between `start` and `end` in the file at `path` with `text`."""
+    page = Path(path).read_text()
+    if start not in page or end not in page:
+        raise ValueError(f"{path} has no {start} ... {end} markers; add them where the generated text goes")
+    head, rest = page.split(start, 1)
+    _, tail = rest.split(end, 1)
+    runs.atomic_write_text(Path(path), head + start + "\n" + text + "\n" + end + tail)
+
+
+def write_report(page: Path = RESULTS_PAGE, results_dir: Path = runs.RESULTS_DIR, data_dir=None,
+                 readme: Path | None = README, figure: Path | None = None) -> str:
+    """Render every table from results_dir between the results page's markers, and (readme not None) the
+    headline between the README's markers, with its figure (default results_dir/headline.png). Returns the
+    tables."""
+    results_dir = Path(results_dir)
+    bench_path = results_dir / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
-    gates = runs.load_jsonl(Path(results_dir) / runs.GATES_FILE)
-    report = render_report(runs.load_results(results_dir), bench, data_dir, gates)
-    planted_rows = runs.load_jsonl(Path(results_dir) / "planted.jsonl")
+    gates = runs.load_jsonl(results_dir / runs.GATES_FILE)
+    results = runs.load_results(results_dir)
+    report = render_report(results, bench, data_dir, gates)
+    planted_rows = runs.load_jsonl(results_dir / "planted.jsonl")
     if planted_rows:
         report += "\n" + planted.summary_table(planted_rows)
-    import_path = Path(results_dir) / "import.json"
+    import_path = results_dir / "import.json"
     if import_path.is_file():
         report += "\n" + render_import(json.loads(import_path.read_text()))
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} markers; add them where the tables go")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    runs.atomic_write_text(readme, head + README_START + "\n" + report + "\n" + README_END + tail)
+    tune_lines = runs.load_jsonl(results_dir / tune.TUNE_FILE)
+    if tune_lines:
+        report += "\n" + render_tune(tune_lines)
+    _fill(page, RESULTS_START, RESULTS_END, report)
+    if readme is not None:
+        numbers = headline_numbers(results, planted_rows)
+        _fill(readme, HEADLINE_START, HEADLINE_END, render_headline(numbers, tune_lines))
+        plots.headline(numbers, results_dir / HEADLINE_FIGURE if figure is None else figure)
     return report

@@ -13,25 +13,40 @@ What this file holds, in order:
   2. Describing a run             -- file_sha256, machine_description, memory_bytes, git_commit.
   3. Checkpoints                  -- the RNG state of a process, save_checkpoint / read_checkpoint,
                                      check_resume (does this invocation repeat the checkpoint's run?),
-                                     restore_training (optimizer, scaler, random streams, the run's state).
+                                     restore_training (optimizer, scaler, random streams, the run's state);
+                                     what pretraining's and fine-tuning's checkpoints hold (save_*_checkpoint)
+                                     and a run's starting state, fresh or resumed (resume_pretrain/_finetune).
   4. The run log                  -- RunLog: metrics.jsonl and the state a checkpoint carries, shared by
                                      pretraining and fine-tuning.
   5. Backbones and models         -- save_backbone / load_backbone (what pretrain and the importers write),
-                                     build_classifier, save_finetuned / load_finetuned / restore_best.
+                                     build_classifier; adapter files (ADAPTER_FORMAT, adapter_state_dict,
+                                     backbone_fingerprint, save_adapter / load_adapter);
+                                     save_finetuned / load_finetuned / restore_best.
+  5b. A run's inputs and its     -- read_corpus_files, pretrain_tokens, finetune_backbone; RunData, build_run_data
+      deployed form                  (the one place a run's data is built), saved_run_data; the figures
+                                     (plot_pretrain, plot_finetune); calibration_batches, export_merged.
   6. Results files                -- check_results_folder; append_jsonl / load_jsonl (one JSON line per record,
                                      appended in one write); append_result (never a non-finite number) and
                                      load_results (finetune.jsonl).
+  7. Comparing runs               -- the one t interval: t_quantile_95, paired_ci (mean and 95% t interval
+                                     of paired differences), for the report and the known-answer benchmark.
 
-Nothing here trains or evaluates: train.py decides what to write and when; this file decides how.
+Nothing here trains: train.py decides what to write and when; this file decides how.
 """
 
 import hashlib
+import itertools
 import json
 import math
 import os
 import platform
 import random
+import shutil
 import subprocess
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +55,10 @@ import torch.nn as nn
 
 import data
 import dynlora
+import plots
 import readout as readout_mod
 import runtime
-from model import GPTClassifier, GPTConfig
+from model import GPTClassifier, GPTConfig, preset
 
 REPO = Path(__file__).resolve().parent
 
@@ -58,7 +74,7 @@ CHECKPOINT_FORMAT = "dynlora-checkpoint/2"   # /2: the adapter's gate keys of dy
 METRICS_FILE = "metrics.jsonl"       # one JSON record per logged step / evaluation
 FINAL_FILE = "final.json"            # a finished fine-tuning run's result record; marks the run finished
 RESULTS_FILE = "finetune.jsonl"      # in a results folder: one line per finished fine-tuning run
-GATES_FILE = "gates.jsonl"          # `train.py gates`: how much each gated run's gates depend on the input
+GATES_FILE = "gates.jsonl"          # `cli.py gates`: how much each gated run's gates depend on the input
 RESULTS_DIR = REPO / "results"       # the results of record, rendered into the README
 SCRATCH_RESULTS_DIR = REPO / "runs" / "results"   # where ad-hoc runs (no --suite) put their result lines
 
@@ -171,9 +187,10 @@ def git_commit() -> str:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=10).stdout.strip()
         # "-dirty": the code differs from the commit. The files runs write into the repository (results/,
-        # and the README's tables) do not count, or every run after the first would be "dirty".
+        # RESULTS.md's tables and the README's headline) do not count, or every run after the first would
+        # be "dirty".
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)results", ":(exclude)README.md"], cwd=REPO,
+                                ":(exclude)results", ":(exclude)README.md", ":(exclude)RESULTS.md"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return (sha or "unknown") + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -235,7 +252,7 @@ def read_checkpoint(out: Path, kind: str) -> dict:
         raise ValueError(f"{path} is not a dynlora training checkpoint of this version (format "
                          f"{CHECKPOINT_FORMAT!r}); start the run again without --resume")
     if ckpt["kind"] != kind:
-        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint; resume it with `train.py {ckpt['kind']} --resume`")
+        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint; resume it with `python cli.py {ckpt['kind']} --resume`")
     return ckpt
 
 
@@ -286,6 +303,76 @@ def restore_training(ckpt: dict, optimizer, scaler, rt) -> dict:
     return {**ckpt["state"], "resumed": ckpt["state"]["resumed"] + 1}
 
 
+# What pretraining's and fine-tuning's checkpoints hold, and how a run starts: fresh, or from its checkpoint.
+# `run` is train.py's PretrainRun / FinetuneRun; may_change and flag_name are train.RESUME_MAY_CHANGE and
+# train.flag_name (check_resume's).
+
+def save_pretrain_checkpoint(run, t_start: float):
+    run.log.state["wall_s"] = time.time() - t_start
+    save_checkpoint(run.out, run.rt, {"kind": "pretrain", "config": run.run_config, "source": run.source,
+                                      "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                                      "scaler": run.scaler.state_dict(), "state": run.log.state})
+    run.saved_step = run.log.state["step"]
+
+
+def save_finetune_checkpoint(run, t_start: float):
+    """(The caller checks the weights are finite first: train.check_weights.)"""
+    run.log.state["wall_s"] = time.time() - t_start
+    save_checkpoint(run.out, run.rt, {
+        "kind": "finetune", "config": run.run_config, "source": run.source,
+        "model": training_weights(run.model, run.cfg.method), "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(), "state": run.log.state,
+        "allocator": run.allocator.state_dict() if run.allocator is not None else None})
+    run.saved_step = run.log.state["step"]
+
+
+def resume_pretrain(run, ckpt: dict | None, may_change: set, flag_name) -> dict:
+    """A pretraining run's starting state: fresh, or the checkpoint's, loaded into the run."""
+    if ckpt is None:
+        return {"step": 0, "log": [], "wall_s": 0.0, "tokens": 0, "run_id": uuid.uuid4().hex, "resumed": 0}
+    saved = run.out / BACKBONE_FILE
+    finished = ckpt["state"]["step"] == run.cfg.max_steps and saved.is_file() and \
+        read_torch_file(saved, "delete it and --resume to write it again").get("run_id") == ckpt["state"]["run_id"]
+    check_resume(ckpt, run.run_config, run.source, run.out, may_change, flag_name, finished)
+    run.model.load_state_dict(ckpt["model"])
+    state = restore_training(ckpt, run.optimizer, run.scaler, run.rt)
+    run.saved_step = state["step"]
+    run.rt.print(f"pretrain: resuming {run.out} at step {state['step']} of {run.cfg.max_steps}")
+    return state
+
+
+def resume_finetune(run, ckpt: dict | None, may_change: set, flag_name) -> dict:
+    """A fine-tuning run's starting state: fresh (and config.json written), or the checkpoint's, loaded into
+    the run. `epoch` is the epoch in progress (0-based) and `batch` the number of its batches consumed.
+    """
+    rt, out = run.rt, run.out
+    if ckpt is None:
+        if rt.is_main and (out / CHECKPOINT_FILE).is_file():
+            print(f"finetune: starting over in {out}; its previous {CHECKPOINT_FILE} will be replaced "
+                  f"(pass --resume to continue a run instead)")
+        if rt.is_main:
+            atomic_write_text(out / "config.json", json.dumps(run.run_config, indent=2))
+        return {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "wall_s": 0.0, "best": {"score": -float("inf")},
+                "history": [], "log": [], "run_id": uuid.uuid4().hex,
+                "commit": git_commit() if rt.is_main else "", "resumed": 0}
+    final = out / FINAL_FILE
+    finished = final.is_file() and json.loads(final.read_text()).get("run_id") == ckpt["state"]["run_id"]
+    # The effective learning rate is compared (run_config["lr"]), not the flag: --lr 0 means the default.
+    settings = {**run.run_config, "finetune": {**run.run_config["finetune"], "lr": None}}
+    # A checkpoint written before --readout existed read its prediction at <cls>.
+    saved = {**ckpt, "config": {**ckpt["config"], "finetune": {"readout": "cls", "val_fraction": 0.0, "from_tune": "",
+                                                               **ckpt["config"]["finetune"],
+                                                               "lr": None}}}
+    check_resume(saved, settings, run.source, out, may_change, flag_name, finished)
+    load_training_weights(run.model, ckpt["model"], run.cfg.method, out / CHECKPOINT_FILE)
+    if run.allocator is not None:
+        run.allocator.load_state_dict(ckpt["allocator"])
+    state = restore_training(ckpt, run.optimizer, run.scaler, rt)
+    rt.print(f"finetune: resuming {out} at step {state['step']} of {run.total_steps} (epoch {state['epoch'] + 1}, "
+             f"batch {state['batch']})")
+    return state
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 4. The run log
 # ---------------------------------------------------------------------------------------------------------
@@ -317,7 +404,7 @@ class RunLog:
 # A backbone folder: backbone.pt ({"config": GPTConfig dict, "model": state dict, "tokenizer_sha256", and
 # where it came from}), tokenizer.json, config.json. pretrain writes one; so do the importers. A fine-tuning
 # run folder holds model.pt (full fine-tuning: the whole classifier) or adapter.pt (adapter methods: the
-# adapter file of dynlora.save_adapter, applied to the backbone named in it), and the run's tokenizer.json.
+# adapter file of save_adapter, applied to the backbone named in it), and the run's tokenizer.json.
 # ---------------------------------------------------------------------------------------------------------
 
 def save_backbone(out: Path, config: GPTConfig, state: dict, run_config: dict, **meta) -> Path:
@@ -337,9 +424,9 @@ def load_backbone(folder) -> tuple[GPTConfig, dict, "data.Tokenizer", Path]:
     folder = Path(folder)
     ckpt_path, tok_path = folder / BACKBONE_FILE, folder / TOKENIZER_FILE
     if not ckpt_path.is_file():
-        raise FileNotFoundError(f"--backbone {folder}: no {BACKBONE_FILE} there; run `python train.py pretrain "
+        raise FileNotFoundError(f"--backbone {folder}: no {BACKBONE_FILE} there; run `python cli.py pretrain "
                                 f"--out-dir {folder}` first, or pass --backbone '' for a random init")
-    ckpt = read_torch_file(ckpt_path, f"restore it, or pretrain it again (`python train.py pretrain --out-dir "
+    ckpt = read_torch_file(ckpt_path, f"restore it, or pretrain it again (`python cli.py pretrain --out-dir "
                                       f"{folder}`)", keys=("config", "model", "tokenizer_sha256"))
     config = GPTConfig.from_dict(ckpt["config"])
     tok = data.load_tokenizer(tok_path)
@@ -370,7 +457,7 @@ def build_classifier(config: GPTConfig, backbone_state: dict | None, num_outputs
 
 def training_weights(model: GPTClassifier, method: str) -> dict:
     """The tensors a run trains and a checkpoint stores: all of them (full) or the adapter's."""
-    return model.state_dict() if method == "full" else dynlora.adapter_state_dict(model)
+    return model.state_dict() if method == dynlora.FULL else adapter_state_dict(model)
 
 
 def load_training_weights(model: GPTClassifier, weights: dict, method: str, path: Path):
@@ -378,7 +465,143 @@ def load_training_weights(model: GPTClassifier, weights: dict, method: str, path
     odd = sorted(set(weights) ^ set(training_weights(model, method)))
     if odd:
         raise ValueError(f"{path} does not fit this model: tensor names differ (e.g. {odd[0]})")
-    model.load_state_dict(weights, strict=method == "full")
+    model.load_state_dict(weights, strict=method == dynlora.FULL)
+
+
+# -- Adapter files -------------------------------------------------------------------------------------------
+#
+# An adapter file holds what fine-tuning changed -- a few hundred KB -- and a fingerprint of the backbone it
+# was trained on, so that it cannot be silently applied to another one: per frozen tensor, its shape and two
+# checksums (sum of |w| and of w^2, in float64). Comparing per tensor (rather than one hash) lets the error
+# say what differs; comparing checksums with a tolerance (1e-4 relative) lets the same weights pass on
+# another device, where float sums round differently. The file's config names its gate (AdapterConfig.gate),
+# so it reloads with its own gate class from dynlora.GATES.
+
+ADAPTER_FORMAT = "dynlora-adapter/2"   # written into every adapter file, checked on load
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What an adapter file stores: every tensor fine-tuning owns or changed.
+
+    That is each LoRALinear's own parameters and buffers (A, B, lambda, mask, and the gate's: gate.*),
+    the modules_to_save (the head), and the biases config.bias trains. The frozen backbone is left out.
+    """
+    config = dynlora.config_of(model)
+    prefixes = [name + "." for name, _ in dynlora.adapter_layers(model)]
+    state = {}
+    for key, value in model.state_dict().items():
+        owner = next((p for p in prefixes if key.startswith(p)), None)
+        in_adapter = owner is not None and not key.startswith(owner + "base.")
+        plain = key.replace(".base.", ".") if owner is not None else key
+        if in_adapter or dynlora.trained_in_full(plain, config):
+            state[key] = value
+    return state
+
+
+def backbone_fingerprint(model: nn.Module, config: dynlora.AdapterConfig) -> dict:
+    """{parameter name: (shape, sum |w|, sum w^2)} over the frozen backbone, named as in the plain model.
+
+    Works on the plain model and on the adapted one (where W0 lives at '<layer>.base.weight'), so a file's
+    fingerprint can be checked before the adapters are applied.
+    """
+    layers = dynlora.adapter_layers(model)
+    prefixes = [name + "." for name, _ in layers]
+    if any(layer.merged for _, layer in layers):
+        raise ValueError("the adapters are merged into the backbone weights; call unmerge_adapters(model) first")
+    out = {}
+    for name, p in model.named_parameters():
+        owner = next((pre for pre in prefixes if name.startswith(pre)), None)
+        if owner is not None and not name.startswith(owner + "base."):
+            continue                                            # an adapter parameter
+        plain = name.replace(".base.", ".") if owner is not None else name
+        if dynlora.trained_in_full(plain, config):
+            continue                                            # trained, stored in the file itself
+        w = p.detach().double()
+        out[plain] = (tuple(p.shape), w.abs().sum().item(), w.square().sum().item())
+    return out
+
+
+def _fingerprint_difference(saved: dict, here: dict) -> str | None:
+    """One line saying how two backbone fingerprints differ, or None if they match."""
+    only_saved, only_here = sorted(set(saved) - set(here)), sorted(set(here) - set(saved))
+    if only_saved or only_here:
+        bits = []
+        if only_saved:
+            bits.append(f"{len(only_saved)} tensor(s) of the file's backbone are missing here (e.g. {only_saved[0]})")
+        if only_here:
+            bits.append(f"this model has {len(only_here)} tensor(s) the file's backbone lacks (e.g. {only_here[0]})")
+        return "; ".join(bits) + " -- a different architecture (n_layer?)"
+    for name in saved:
+        if tuple(saved[name][0]) != tuple(here[name][0]):
+            return (f"{name} has shape {tuple(saved[name][0])} in the file's backbone but {tuple(here[name][0])} "
+                    f"here -- a different architecture (n_embd, vocab_size?)")
+    for name in saved:
+        for (a, b), what in zip(zip(saved[name][1:], here[name][1:]), ("sum |w|", "sum w^2")):
+            if abs(a - b) > 1e-4 * max(abs(a), abs(b), 1e-12):
+                return (f"{name} has the same shape but different values ({what} {a:.6g} in the file, {b:.6g} "
+                        f"here) -- a different pretrained checkpoint?")
+    return None
+
+
+def save_adapter(path, model: nn.Module, config: dynlora.AdapterConfig | None = None,
+                 extra: dict | None = None) -> Path:
+    """Write {"format", "config", "state", "backbone", "extra"} to path with torch.save, atomically
+    (atomic_torch_save). `extra` is any small dict of plain values (numbers, strings, lists, dicts, tensors):
+    metrics, the task, the allocator's state. Adapters must be unmerged.
+    """
+    config = config or dynlora.config_of(model)
+    if config != dynlora.config_of(model):
+        raise ValueError("save_adapter: the config given differs from the one the adapters were built with "
+                         "(model.adapter_config)")
+    payload = {
+        "format": ADAPTER_FORMAT,
+        "config": asdict(config),
+        "state": {k: v.detach().cpu().clone() for k, v in adapter_state_dict(model).items()},
+        "backbone": backbone_fingerprint(model, config),
+        "extra": extra or {},
+    }
+    return atomic_torch_save(payload, path)
+
+
+def load_adapter(path, model: nn.Module, payload: dict | None = None
+                 ) -> tuple[nn.Module, dynlora.AdapterConfig, dict]:
+    """Apply an adapter file to a plain model with the same backbone: returns (model, config, extra).
+
+    The model is adapted in place (apply_lora with the file's config, so its gate is GATES[config.gate]), then
+    the file's tensors are loaded, so the result computes exactly what the model that was saved computed. A
+    file that does not fit the backbone -- other shapes, other n_layer, or the same shapes with other weights
+    -- raises ValueError naming the file and the first difference; so does a file of an older format.
+
+    payload: the file's contents, already read by the caller (read_torch_file, which names a damaged file);
+    path then only names the file in messages. Without it the file is read here (weights_only).
+    """
+    path = Path(path)
+    if payload is None:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(payload, dict) and payload.get("format") == "dynlora-adapter/1":
+        raise ValueError(f"adapter file {path} was written by an older version of dynlora.py (format 1, whose gate "
+                         f"tensors have other names: gate_weight, gate_bias, frozen_gate, gate_frozen); re-run the "
+                         f"fine-tuning to write it in format 2, or check out the older commit to use it")
+    if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{path}: not a dynlora adapter file (expected format {ADAPTER_FORMAT!r})")
+    if dynlora.adapter_layers(model):
+        raise ValueError(f"{path}: load_adapter expects the plain backbone, but this model already has adapters")
+    config = dynlora.AdapterConfig.from_dict(payload["config"])
+    difference = _fingerprint_difference(payload["backbone"], backbone_fingerprint(model, config))
+    if difference:
+        raise ValueError(f"adapter file {path} does not fit this model: {difference}")
+    dynlora.apply_lora(model, config)
+    expected = adapter_state_dict(model)
+    state = payload["state"]
+    if set(state) != set(expected):
+        odd = sorted(set(state) ^ set(expected))
+        raise ValueError(f"adapter file {path} does not fit this model: tensor names differ (e.g. {odd[0]})")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"adapter file {path} does not fit this model: {key} has shape {tuple(value.shape)} "
+                             f"in the file but {tuple(expected[key].shape)} here")
+    model.load_state_dict(state, strict=False)
+    return model, config, payload["extra"]
 
 
 def save_finetuned(out: Path, model: GPTClassifier, method: str, adapter_cfg, meta: dict, allocator=None):
@@ -387,11 +610,11 @@ def save_finetuned(out: Path, model: GPTClassifier, method: str, adapter_cfg, me
     meta: task, method, num_outputs, backbone (the folder it was trained on), tokenizer_sha256, readout.
     """
     out = Path(out)
-    if method == "full":
+    if method == dynlora.FULL:
         atomic_torch_save({"config": model.config.to_dict(), "model": model.state_dict(), **meta}, out / "model.pt")
     else:
         extra = {**meta, "allocator": allocator.state_dict() if allocator is not None else None}
-        dynlora.save_adapter(out / "adapter.pt", model, adapter_cfg, extra=extra)
+        save_adapter(out / "adapter.pt", model, adapter_cfg, extra=extra)
 
 
 FINETUNED_FIX = "restore it, or fine-tune the run again"
@@ -399,7 +622,7 @@ FINETUNED_FIX = "restore it, or fine-tune the run again"
 
 def restore_best(model: GPTClassifier, out: Path, method: str):
     """Load the best epoch's weights back from the file save_finetuned wrote (model.pt or adapter.pt)."""
-    name, key = ("model.pt", "model") if method == "full" else ("adapter.pt", "state")
+    name, key = ("model.pt", "model") if method == dynlora.FULL else ("adapter.pt", "state")
     weights = read_torch_file(Path(out) / name, FINETUNED_FIX, keys=(key,))[key]
     load_training_weights(model, weights, method, out)
 
@@ -445,7 +668,7 @@ def load_finetuned(run_dir, backbone: str | None = None) -> tuple[GPTClassifier,
         config, backbone_state, _, _ = load_backbone(backbone or meta["backbone"])
         model = build_classifier(config, backbone_state, meta["num_outputs"],
                                  "cls" if readout == "prompt" else readout)     # the adapter file holds the head
-        dynlora.load_adapter(path, model, payload=payload)
+        load_adapter(path, model, payload=payload)
     else:
         raise FileNotFoundError(f"--run {run}: neither model.pt nor adapter.pt there; is it a finetune run folder?")
     if meta["task"] != task:
@@ -460,6 +683,194 @@ def load_finetuned(run_dir, backbone: str | None = None) -> tuple[GPTClassifier,
                          f"tokenizer.json")
     model.eval()
     return model, tok, meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5b. A run's inputs and its deployed form
+#
+# What train.py's setup reads before the first step -- the pretraining corpus and tokenizer, a fine-tuning
+# run's backbone and its tokenized, batched data -- and what is derived from a trained adapter model: its
+# figures, the deployed (merged) form and its score, the merged export. build_run_data is the one place
+# finetune, eval, export and the gate analysis build a run's data, so a saved run's data is exactly its own.
+# ---------------------------------------------------------------------------------------------------------
+
+def read_corpus_files(paths: list) -> list:
+    """The documents of --corpus files: one per non-empty line."""
+    texts = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise data.DataError(f"--corpus {p}: no such file; give plain-text files, one document per line")
+        texts.extend(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return texts
+
+
+def pretrain_tokens(cfg, rt, out: Path, fresh: bool):
+    """(tokenizer path, train stream, held-out stream, init config, init weights) of a pretraining run
+    (cfg: train.PretrainConfig).
+
+    The tokenizer is the --init backbone's, or one trained on the same unlabeled training text (never on
+    dev); rank 0 writes it into the run folder first, every rank then reads that file.
+    """
+    data_dir = data.resolve_data_dir(cfg.data_dir)
+    tasks = [data.get_task(name) for name in cfg.tasks.split(",") if name.strip()]
+    with rt.main_first():                                                # rank 0 downloads what is missing
+        for task in tasks:
+            data.ensure_task(data_dir, task)
+    texts = data.pretrain_texts(data_dir, tasks) + read_corpus_files(cfg.corpus)
+    if not texts:
+        raise data.DataError("pretrain: the corpus is empty; give --tasks with train files or --corpus files")
+    tok_path, init_config, init_state = out / TOKENIZER_FILE, None, None
+    if cfg.init:
+        init_config, init_state, _, init_tok_path = load_backbone(cfg.init)
+        if cfg.block_size > init_config.block_size:
+            raise ValueError(f"--block-size {cfg.block_size} exceeds the block_size {init_config.block_size} of "
+                             f"--init {cfg.init}; use --block-size {init_config.block_size} or less")
+    if rt.is_main and fresh:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.init:
+            shutil.copyfile(init_tok_path, tok_path)
+        else:
+            print(f"pretrain: {len(texts):,} texts; training a {cfg.vocab_size}-token BPE tokenizer")
+            data.save_tokenizer(data.train_tokenizer(texts, vocab_size=cfg.vocab_size), tok_path)
+    rt.barrier()
+    stream = data.lm_stream(data.load_tokenizer(tok_path), texts)        # (N,) int32, <eos> after each text
+    n_hold = int(len(stream) * cfg.holdout)
+    train_stream, val_stream = stream[: len(stream) - n_hold], stream[len(stream) - n_hold:]
+    if len(train_stream) <= cfg.block_size * cfg.batch_size:
+        raise data.DataError(f"pretrain: the corpus has {len(train_stream):,} training tokens, fewer than one batch "
+                             f"(--batch-size {cfg.batch_size} x --block-size {cfg.block_size}); "
+                             f"add text (--corpus, --tasks) or lower --block-size/--batch-size")
+    return tok_path, train_stream, val_stream, init_config, init_state
+
+
+def finetune_backbone(cfg, out: Path, data_dir: Path, task: data.TaskSpec, rt, fresh: bool):
+    """(GPTConfig, backbone weights or None, tokenizer, tokenizer path, source hash) of a fine-tuning run
+    (cfg: train.FinetuneConfig); the run folder gets a copy of the tokenizer."""
+    if cfg.backbone:
+        config, backbone_state, tok, tok_path = load_backbone(cfg.backbone)
+        source = file_sha256(Path(cfg.backbone) / BACKBONE_FILE)
+        if rt.is_main and tok_path.resolve() != (out / TOKENIZER_FILE).resolve():
+            shutil.copyfile(tok_path, out / TOKENIZER_FILE)
+        return config, backbone_state, tok, tok_path, source
+    if rt.is_main:
+        warnings.warn("fine-tuning from a RANDOM initialisation (--backbone ''): expect much lower scores; "
+                      "run `python cli.py pretrain` for a backbone", stacklevel=3)
+    tok_path = out / TOKENIZER_FILE
+    if rt.is_main and fresh:
+        data.save_tokenizer(data.train_tokenizer(data.pretrain_texts(data_dir, [task]), vocab_size=8192), tok_path)
+    rt.barrier()
+    tok = data.load_tokenizer(tok_path)
+    config = preset("cpu", vocab_size=tok.get_vocab_size(), pad_id=tok.token_to_id(data.PAD))
+    return config, None, tok, tok_path, file_sha256(tok_path)
+
+
+@dataclass
+class RunData:
+    """A fine-tuning run's data, tokenized and batched."""
+    train_examples: int                     # training examples used (after --max-train)
+    train: data.BucketBatcher               # the training batches, shuffled by the run's seed
+    dev: dict                               # dev split name -> BucketBatcher, sorted by length ("validation" with --val-fraction)
+    held_out: int = 0                       # training examples held out as the validation set (--val-fraction)
+
+
+def cache_dir(backbone: str, run_dir: Path) -> Path:
+    """Where a run's tokenized splits are cached: beside the backbone's tokenizer, so that every run on one
+    backbone tokenizes a split once; in the run folder when there is no backbone (its own tokenizer)."""
+    return (Path(backbone) if backbone else Path(run_dir)) / "cache"
+
+
+def build_run_data(task: data.TaskSpec, data_dir: Path, tok, tok_path: Path, cache: Path, max_len: int,
+                   batch_size: int, seed: int, max_train: int, rt, readout_name: str = "cls",
+                   val_fraction: float = 0.0) -> RunData:
+    """Tokenize (through the cache) and batch a run's train and dev splits: the one place finetune, eval and
+    export build their data, so the calibration batches of a merged export are exactly finetune's.
+
+    With val_fraction > 0 a fixed part of the TRAIN split (data.validation_split: the same for every seed and
+    method) is scored in place of dev, whose files are then never read; --max-train applies to the rest.
+    The training batches are global batches: every process builds the same ones and computes its share of
+    each (train.train_step); evaluation shares out whole batches (train.predict).
+    """
+    splits = ("train",) if val_fraction else ("train", *task.dev_files)
+    with rt.main_first():                                                # rank 0 fills the cache
+        encoded = {split: data.cached_encode(tok, tok_path, task, split, data.read_split(data_dir, task, split),
+                                             max_len, cache, readout_name, readout_mod.template_of(task, readout_name))
+                   for split in splits}
+    train_ids, train_labels = encoded.pop("train")
+    held = []
+    if val_fraction:
+        keep, held = data.validation_split(len(train_ids), val_fraction, batch_size, task.name)
+        encoded = {data.VALIDATION: ([train_ids[i] for i in held], train_labels[held])}
+        train_ids, train_labels = [train_ids[i] for i in keep], train_labels[keep]
+    if max_train:
+        train_ids, train_labels = train_ids[:max_train], train_labels[:max_train]
+    return RunData(len(train_ids), data.BucketBatcher(train_ids, train_labels, batch_size, shuffle=True, seed=seed),
+                   {split: data.BucketBatcher(ids, labels, 2 * batch_size, shuffle=False)
+                    for split, (ids, labels) in encoded.items()}, held_out=len(held))
+
+
+def saved_run_data(run: Path, meta: dict, data_dir: str | None, backbone: str | None, tok) -> RunData:
+    """A saved run's data, rebuilt from its config.json exactly as finetune built it."""
+    cfg = read_run_config(run)["finetune"]
+    task = data.get_task(meta["task"])
+    ddir = data.resolve_data_dir(data_dir)
+    data.ensure_task(ddir, task)
+    rt = runtime.Runtime(torch.device("cpu"), "fp32")
+    return build_run_data(task, ddir, tok, run / TOKENIZER_FILE, cache_dir(backbone or cfg["backbone"], run),
+                          cfg["max_len"], cfg["batch_size"], cfg["seed"], cfg["max_train"], rt,
+                          cfg.get("readout", "cls"), cfg.get("val_fraction", 0.0))
+
+
+def plot_pretrain(out: Path, log: list):
+    """A pretraining run's curves.png."""
+    plots.pretrain_curves(log, Path(out) / "curves.png")
+
+
+def plot_finetune(out: Path, history: list, task: str, allocator=None):
+    """A fine-tuning run's curves.png, and an allocating run's rank plots."""
+    plots.finetune_curves(history, task, Path(out) / "curves.png")
+    if allocator is not None:
+        plots.allocation_plots(allocator.history, Path(out), total_steps=allocator.total_steps,
+                               initial_ranks={name: m.r for name, m in allocator.layers})
+
+
+CALIBRATION_BATCHES = 20     # training batches whose mean gate replaces a gated layer's gate for merging
+
+
+def calibration_batches(run_data: RunData, rt):
+    """The first CALIBRATION_BATCHES training batches of epoch 0, the same on every process."""
+    return ((idx.to(rt.device), y) for idx, y in itertools.islice(run_data.train.epoch(0), CALIBRATION_BATCHES))
+
+
+def export_merged(run_dir: str, out_dir: str | None = None, data_dir: str | None = None,
+                  backbone: str | None = None) -> Path:
+    """Write an adapter run's model with the adapter merged into the weights: a plain model.pt, as full
+    fine-tuning writes, which runs at the base model's speed and which `eval` scores like any run.
+
+    LoRA and allocation-only adapters merge exactly (masks enter dW). A gated adapter's update depends on
+    the input, so, as finetune does for its `merged_score`, each gate is first frozen to its mean over the
+    run's calibration batches: the export is that static approximation, and scores exactly the run's
+    `merged_score`. Returns the folder written (default: the run folder + "-merged").
+    """
+    run = Path(run_dir)
+    if not (run / "adapter.pt").is_file():
+        raise FileNotFoundError(f"--run {run}: no adapter.pt there; export merges an adapter run (lora, alloc, "
+                                f"gate, dynlora, adalora); a full fine-tuning run's model.pt is already plain")
+    model, tok, meta = load_finetuned(run, backbone)
+    if model.adapter_config.gating:
+        run_data = saved_run_data(run, meta, data_dir, backbone, tok)
+        dynlora.freeze_gates(model, calibration_batches(run_data, runtime.Runtime(torch.device("cpu"), "fp32")),
+                             pad_id=model.gpt.config.pad_id)
+    merged = dynlora.merge_and_unload(model)
+    out = Path(out_dir) if out_dir else run.with_name(run.name + "-merged")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    atomic_write_text(out / "config.json", (run / "config.json").read_text())
+    atomic_torch_save({"config": merged.gpt.config.to_dict(), "model": merged.state_dict(),
+                       **{k: meta[k] for k in ("task", "num_outputs", "tokenizer_sha256", "backbone")},
+                       "method": meta["method"], "readout": meta.get("readout", "cls"), "merged_from": str(run)},
+                      out / "model.pt")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -561,3 +972,38 @@ def append_result(result: dict, results_dir):
 
 def load_results(results_dir=RESULTS_DIR) -> list:
     return load_jsonl(results_path(results_dir))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Comparing runs: the one t interval (the report's paired tables, the known-answer benchmark's summary)
+#
+# Runs with the same seed share their batch order (and initialisation where shapes agree) across methods,
+# so a method is compared with a reference seed by seed: d_s = score(method, s) - score(reference, s). With
+# n pairs, the 95% interval of the mean difference is mean(d) +- t(n - 1) sd(d) / sqrt(n), t the two-sided
+# 95% quantile of Student's t with n - 1 degrees of freedom.
+
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,      # df 1..10
+       2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,       # df 11..20
+       2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]       # df 21..30
+Z95 = 1.960                                                     # the normal quantile, for df > 30
+EQUAL_POINTS = 1e-9      # paired differences closer than this are equal (in points: the same dev examples apart)
+
+
+def t_quantile_95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with df degrees of freedom (t(2) = 4.303)."""
+    if df < 1:
+        raise ValueError(f"t_quantile_95 needs df >= 1, got {df}")
+    return T95[df - 1] if df <= len(T95) else Z95
+
+
+def paired_ci(diffs) -> tuple[float, float | None, int]:
+    """(mean, half-width of the 95% t interval, n) of paired differences; half-width None when n < 2, and
+    when the n differences are all equal: a spread of 0 is no estimate of the variance (with a metric counted
+    in whole dev examples, two seeds can differ by the same example count by chance), and the t interval it
+    would give, of width 0, would exclude 0 whatever n."""
+    diffs = np.asarray(list(diffs), dtype=np.float64)
+    n = len(diffs)
+    if n < 2 or np.ptp(diffs) < EQUAL_POINTS:
+        return (float(diffs.mean()) if n else math.nan), None, n
+    half = t_quantile_95(n - 1) * diffs.std(ddof=1) / math.sqrt(n)
+    return float(diffs.mean()), float(half), n

@@ -88,8 +88,8 @@ def cpu_native_bf16() -> bool:
 
     There oneDNN's bf16 matmuls can run at about twice the fp32 rate (half the bytes per number, twice the
     numbers per vector instruction). Elsewhere (AVX2-only or plain AVX-512 CPUs) oneDNN has to emulate bf16,
-    converting to fp32 and back, which gains nothing over fp32 and can be far slower (the README has the
-    figure) -- so bf16 is chosen only where the hardware has it.
+    converting to fp32 and back, which gains nothing over fp32 and can be far slower (RESULTS.md says what
+    was measured) -- so bf16 is chosen only where the hardware has it.
     """
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
@@ -249,12 +249,12 @@ def start(device: str = "auto", precision: str = "auto", timeout_s: float = 300)
             raise DistributedError(
                 f"rank {rank} of {world_size} could not reach the other processes at {where} within "
                 f"--dist-timeout {timeout_s:g} s ({detail}); start all {world_size} processes together "
-                f"(torchrun --nproc_per_node={world_size} train.py ...) and check MASTER_ADDR/MASTER_PORT") from None
+                f"(torchrun --nproc_per_node={world_size} cli.py ...) and check MASTER_ADDR/MASTER_PORT") from None
     return rt
 
 
 def finish():
-    """Leave the process group (at the end of train.py's main)."""
+    """Leave the process group (at the end of cli.py's main)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

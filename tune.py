@@ -1,13 +1,13 @@
 """
 tune.py -- the tuning protocol: each method's setting chosen on held-out TRAINING data, never on dev.
 
-    python train.py tune --tasks RTE --methods full,lora --grid "lr=3e-4,1e-3,3e-3;epochs=1,3" \\
+    python cli.py tune --tasks RTE --methods full,lora --grid "lr=3e-4,1e-3,3e-3;epochs=1,3" \\
         --val-fraction 0.1 --seeds 0 --backbone runs/smollm2-135m [any finetune flag: the fixed recipe]
-    python train.py finetune --task RTE --method lora --backbone runs/smollm2-135m --from-tune results/tune.jsonl
+    python cli.py finetune --task RTE --method lora --backbone runs/smollm2-135m --from-tune results/tune.jsonl
 
 The protocol, in the order of this file:
-  1. The split (validation_split). A fixed fraction of a task's train split is held out as the validation set.
-     The examples are put in an order drawn from SPLIT_SEED alone -- never from the run's seed, method or
+  1. The split (data.validation_split). A fixed fraction of a task's train split is held out as the validation set.
+     The examples are put in an order drawn from data.SPLIT_SEED alone -- never from the run's seed, method or
      setting -- so every trial of a task holds out the same examples; the first round(fraction x n) of that
      order are the validation set, the rest, in file order, the training set; --max-train then takes the
      first N of those. A run with --val-fraction > 0 scores the validation set INSTEAD of dev: its dev files
@@ -31,8 +31,9 @@ The protocol, in the order of this file:
      a flag that sets a tuned setting too, and so is a run whose recipe differs from the one tuned with in
      anything but --max-train (the final runs may train on the whole training split).
 
-train.py holds the command line (`train.py tune`, --from-tune) and calls into this file, which never
-imports train.py: run() gets train.finetune and the config checker as arguments.
+cli.py holds the command line (`cli.py tune`; `cli.py finetune --from-tune` calls apply_choice before
+train.finetune) and calls into this file, which imports neither cli.py nor train.py: run() gets
+train.finetune and the config checker as arguments (a test passes its own).
 """
 
 import dataclasses
@@ -53,13 +54,11 @@ import dynlora
 import runs
 
 TUNE_FILE = "tune.jsonl"     # in a results folder: one line per finished trial, one per method's choice
-VALIDATION = "validation"    # the split name of the held-out training examples (RunData.dev's key, "split")
-SPLIT_SEED = 0               # the only seed the validation split depends on
 TIE = 1e-9                   # mean validation scores closer than this are equal (the grid's order decides)
 
 # The stated default grid of each method family ("full", every adapter method "adapters"), each of 6 settings.
-# A placeholder until the recipe's grid is chosen (see the README's Tuning paragraph); --grid replaces it.
-DEFAULT_GRIDS = {"full": "lr=5e-5,1e-4,2e-4;epochs=1,3", "adapters": "lr=3e-4,1e-3,3e-3;epochs=1,3"}
+# A placeholder until the recipe's grid is chosen (see the tuning protocol in docs/reproduce.md); --grid replaces it.
+DEFAULT_GRIDS = {dynlora.FULL: "lr=5e-5,1e-4,2e-4;epochs=1,3", "adapters": "lr=3e-4,1e-3,3e-3;epochs=1,3"}
 
 # FinetuneConfig fields that say where things are or how to run, not what is trained: never a tuned key,
 # not part of a recipe (the backbone is known by its hash instead).
@@ -75,7 +74,7 @@ READBACK_FREE = {"max_train"}
 @dataclass
 class TuneConfig:
     tasks: str = "CoLA,SST-2,MRPC,STS-B,RTE"            # GLUE tasks to tune on, comma-separated
-    methods: str = "full,lora,alloc,gate,dynlora,adalora"   # methods to tune, comma-separated; each gets the same number of trials
+    methods: str = field(default_factory=lambda: ",".join(dynlora.method_names()))   # methods to tune, comma-separated (default: dynlora.method_names()); each gets the same number of trials
     grid: str = "default"                               # settings to try for every method, "key=v1,v2;key=v1,v2" (keys: finetune or adapter settings; '+' joins a tuple's items); 'default' = DEFAULT_GRIDS per family
     method_grid: list = field(default_factory=list)     # one method's own grid, replacing --grid for it: "gate:lr=1e-3,3e-3;gate_lr_mult=10,30" (several allowed)
     seeds: str = "0"                                    # seeds of every setting's trials, comma-separated; a setting scores its mean over them
@@ -90,25 +89,8 @@ class TuneConfig:
 # 1. The split
 # ---------------------------------------------------------------------------------------------------------
 
-def validation_split(n: int, fraction: float, batch_size: int, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """(training indices, validation indices) of a train split of n examples with `fraction` held out; both
-    sorted, so the training examples keep their file order. ValueError naming --val-fraction when either
-    side would hold less than one batch."""
-    n_val = int(round(fraction * n))
-    if n < 2 * batch_size:
-        raise ValueError(f"--val-fraction {fraction:g}: {task}'s training split has {n} examples, too few to hold "
-                         f"out a validation set of one batch (--batch-size {batch_size}) and train on another; "
-                         f"lower --batch-size or leave {task} out")
-    if n_val < batch_size:
-        raise ValueError(f"--val-fraction {fraction:g} holds out {n_val} of {task}'s {n} training examples, fewer "
-                         f"than one batch (--batch-size {batch_size}); raise it to at least "
-                         f"{math.ceil(1000 * batch_size / n) / 1000:g}")
-    if n - n_val < batch_size:
-        raise ValueError(f"--val-fraction {fraction:g} leaves {n - n_val} of {task}'s {n} training examples to train "
-                         f"on, fewer than one batch (--batch-size {batch_size}); lower it to at most "
-                         f"{math.floor(1000 * (1 - batch_size / n)) / 1000:g}")
-    order = np.random.default_rng(SPLIT_SEED).permutation(n)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+# validation_split, VALIDATION and SPLIT_SEED live in data.py: train.py builds a run's data with them, and
+# train.py does not import this file.
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,7 +102,7 @@ def tunable_defaults(base) -> dict:
     (not WHERE, not task/method/seed/val_fraction) and the AdapterConfig fields a method does not fix."""
     fin = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
            if f.name not in WHERE | NOT_RECIPE}
-    fixed = set().union(*dynlora.METHODS.values())                     # form, allocation, gating
+    fixed = set(dynlora.SWITCHES)                                      # form, allocation, gating, gate
     adapter = {f.name: getattr(dynlora.AdapterConfig(), f.name) for f in dataclasses.fields(dynlora.AdapterConfig)
                if f.name not in fixed}
     return {**fin, **adapter}
@@ -169,7 +151,7 @@ def parse_grid(text: str, where: str, defaults: dict, flag) -> dict:
         if name not in defaults:
             why = "says where or how to run, not what is trained" if name in WHERE else \
                 "is set by tune itself" if name in TUNE_OWNS else "is set by the method" \
-                if name in set().union(*dynlora.METHODS.values()) else "is not a finetune or adapter setting"
+                if name in dynlora.SWITCHES else "is not a finetune or adapter setting"
             raise ValueError(f"{where}: {key.strip()!r} {why}; a grid varies settings such as lr, epochs, "
                              f"batch_size, max_len, lora_r, lora_targets, gate_lr_mult, t_init")
         if name in grid:
@@ -200,7 +182,7 @@ def method_grids(spec: TuneConfig, methods: list, defaults: dict, flag) -> dict:
         own[method] = parse_grid(text, f"--method-grid {method}", defaults, flag)
     common = parse_grid(spec.grid, "--grid", defaults, flag) if spec.grid != "default" else None
     family = {f: parse_grid(g, f"DEFAULT_GRIDS[{f!r}]", defaults, flag) for f, g in DEFAULT_GRIDS.items()}
-    return {m: own.get(m) or common or family["full" if m == "full" else "adapters"] for m in methods}
+    return {m: own.get(m) or common or family[m if m == dynlora.FULL else "adapters"] for m in methods}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,7 +210,7 @@ def backbone_hash(backbone: str) -> str | None:
     path = Path(backbone) / runs.BACKBONE_FILE
     if not path.is_file():
         raise ValueError(f"--backbone {backbone}: no {runs.BACKBONE_FILE} there; give a backbone folder "
-                         f"(`python train.py pretrain` or `python train.py import` writes one)")
+                         f"(`python cli.py pretrain` or `python cli.py import` writes one)")
     return runs.file_sha256(path)
 
 
@@ -243,7 +225,7 @@ def plan(spec: TuneConfig, base, adapter: dict, check, flag) -> tuple[list, list
     except data.DataError as err:
         raise ValueError(f"--tasks: {err}") from None
     methods = [m.strip() for m in spec.methods.split(",") if m.strip()]
-    known = ["full", *dynlora.METHODS]
+    known = list(dynlora.method_names())
     if not tasks or not methods:
         raise ValueError(f"--{'tasks' if not tasks else 'methods'} is empty; name at least one")
     if any(m not in known for m in methods) or len(set(methods)) < len(methods) or len(set(tasks)) < len(tasks):
@@ -264,13 +246,13 @@ def plan(spec: TuneConfig, base, adapter: dict, check, flag) -> tuple[list, list
             else "--grid"
         for setting in options:
             fin, ad = split_setting(setting, base)
-            if method == "full" and (ad or adapter):
+            if method == dynlora.FULL and (ad or adapter):
                 raise ValueError(f"{where}: {', '.join(flag(k) for k in {**ad, **adapter})}: an adapter setting, and "
                                  f"method full has no adapter; give full its own grid with --method-grid "
                                  f"\"full:lr=...\", or tune it apart")
             try:
                 check(dataclasses.replace(base, val_fraction=spec.val_fraction, **fin))
-                if method != "full":
+                if method != dynlora.FULL:
                     check(dynlora.config_for_method(method, **{**adapter, **ad}))
             except ValueError as err:               # AdapterConfig names its field; the user typed its flag
                 message = re.sub(r"^AdapterConfig: (\w+)", lambda m: flag(m.group(1)), str(err))
@@ -288,7 +270,7 @@ def plan(spec: TuneConfig, base, adapter: dict, check, flag) -> tuple[list, list
 
 def check_splits(tasks: list, settings: dict, base, fraction: float):
     """Fail before the first trial when a task's train split cannot hold out --val-fraction at any batch
-    size of the grid (the same check build_run_data makes)."""
+    size of the grid (the same check runs.build_run_data makes)."""
     data_dir = data.resolve_data_dir(base.data_dir)
     sizes = {s.get("batch_size", base.batch_size) for options in settings.values() for s in options}
     for name in tasks:
@@ -296,7 +278,7 @@ def check_splits(tasks: list, settings: dict, base, fraction: float):
         data.ensure_task(data_dir, task)
         n = len(data.read_split(data_dir, task, "train"))
         for batch_size in sorted(sizes):
-            validation_split(n, fraction, batch_size, task.name)
+            data.validation_split(n, fraction, batch_size, task.name)
 
 
 def trial_config(spec: TuneConfig, base, adapter: dict, task: str, method: str, setting: dict, seed: int,
@@ -330,7 +312,7 @@ def trial_record(trial_id: str, cfg, setting: dict, adapter: dict, sha, result: 
     fin, _ = split_setting(setting, cfg)
     return {"kind": "trial", "trial_id": trial_id, "task": cfg.task, "method": cfg.method, "setting": setting,
             "seed": cfg.seed, "val_score": result.get("last_score"), "val_best_score": result.get("score"),
-            "val_metrics": result.get("dev"), "diverged": why, "split": VALIDATION, "val_fraction": cfg.val_fraction,
+            "val_metrics": result.get("dev"), "diverged": why, "split": data.VALIDATION, "val_fraction": cfg.val_fraction,
             "val_examples": result.get("val_examples"), "train_examples": result.get("train_examples"),
             "recipe": {k: v for k, v in recipe_of(cfg).items() if k not in fin}, "adapter": adapter,
             "backbone": cfg.backbone, "backbone_sha256": sha, "run_id": result.get("run_id"), "run_dir": cfg.out_dir,
@@ -374,7 +356,7 @@ def choice_record(task, method, settings, seeds, trials: dict, spec, base, adapt
               "val_score": means[best], "seeds": seeds, "trials": len(settings) * len(seeds),
               "settings": [{"setting": s, "val_score": m, "scores": sc}
                            for (s, _), m, sc in zip(settings, means, scores)],
-              "split": VALIDATION, "val_fraction": spec.val_fraction,
+              "split": data.VALIDATION, "val_fraction": spec.val_fraction,
               "recipe": {k: v for k, v in recipe_of(cfg).items() if k not in grid_keys},
               "adapter": {k: v for k, v in adapter.items() if k not in grid_keys},
               "backbone": base.backbone, "backbone_sha256": sha,
@@ -390,7 +372,7 @@ def describe(setting: dict) -> str:
 
 
 def run(spec: TuneConfig, base, adapter: dict, system, *, finetune, check, flag, diverged) -> list:
-    """`train.py tune`: every trial not yet in tune.jsonl, then each method's choice; returns the choice lines
+    """`cli.py tune`: every trial not yet in tune.jsonl, then each method's choice; returns the choice lines
     written or found. base: the FinetuneConfig of the fixed recipe; adapter: the adapter flags given;
     finetune / check / flag / diverged: train.finetune, train.check_config, the --flag of a field, and
     train.DivergedError (a diverged trial is recorded with no score, and its setting cannot be chosen)."""
@@ -453,7 +435,7 @@ def apply_choice(cfg, overrides: dict, flag) -> tuple[object, dict]:
         return cfg, overrides
     path, task = Path(cfg.from_tune), data.get_task(cfg.task).name
     if not path.is_file():
-        raise ValueError(f"--from-tune {path}: no such file; `python train.py tune` writes results/{TUNE_FILE}")
+        raise ValueError(f"--from-tune {path}: no such file; `python cli.py tune` writes results/{TUNE_FILE}")
     choices = [r for r in runs.load_jsonl(path) if r.get("kind") == "choice"]
     mine = [r for r in choices if r["task"] == task and r["method"] == cfg.method]
     if not mine:

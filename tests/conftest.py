@@ -10,7 +10,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import train  # noqa: E402  (needs the path above)
+from cli import main as cli_main  # noqa: E402  (needs the path above)
 
 FIXTURES = REPO / "tests" / "fixtures" / "glue"
 # A nano GPT pretrained for 15 steps on the fixtures' text: a backbone in a few seconds.
@@ -19,9 +19,9 @@ NANO = ["--preset", "nano", "--batch-size", "4", "--block-size", "32", "--vocab-
 
 
 def cli(*argv):
-    """Run train.py's command line in this process; returns (exit code, stderr-like message)."""
+    """Run cli.py's command line in this process; returns (exit code, stderr-like message)."""
     try:
-        train.main([str(a) for a in argv])
+        cli_main([str(a) for a in argv])
     except SystemExit as stop:
         return (0 if stop.code in (None, 0) else 1), str(stop.code)
     return 0, ""

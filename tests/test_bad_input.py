@@ -1,4 +1,4 @@
-"""Bad input never becomes a result: what a new user may hand train.py by mistake (flags that are not finite
+"""Bad input never becomes a result: what a new user may hand cli.py by mistake (flags that are not finite
 numbers, data that diverges training, damaged model files, output paths that cannot be written, files of
 two runs mixed up) stops with one line naming the flag or file and the fix, before the work where it can,
 and nothing non-finite is ever saved or recorded."""
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import data
-import dynlora
+import plots
 import runs
 import train
 
@@ -225,7 +225,7 @@ def test_load_adapter_takes_an_already_read_payload(lora_run, backbone):
     payload = runs.read_torch_file(lora_run / "adapter.pt", "fine-tune again")
     config, state, _, _ = runs.load_backbone(backbone)
     model = runs.build_classifier(config, state, 2)
-    _, adapter_cfg, extra = dynlora.load_adapter(lora_run / "adapter.pt", model, payload=payload)
+    _, adapter_cfg, extra = runs.load_adapter(lora_run / "adapter.pt", model, payload=payload)
     assert adapter_cfg.r == 2 and extra["task"] == "SST-2"
 
 
@@ -286,7 +286,7 @@ def test_a_plot_that_fails_comes_after_the_result_is_saved(backbone, tmp_path, m
     def broken_plot(*args, **kwargs):
         raise OSError("plotting failed")
 
-    monkeypatch.setattr(train.plots, "finetune_curves", broken_plot)
+    monkeypatch.setattr(plots, "finetune_curves", broken_plot)
     code, message = cli(*finetune_args(backbone, tmp_path, "SST-2", "full", "--epochs", "1"))
     assert code == 1 and "plotting failed" in message
     assert (tmp_path / "run" / runs.FINAL_FILE).is_file()

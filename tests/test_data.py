@@ -73,6 +73,19 @@ def test_resolve_data_dir(monkeypatch):
     assert data.resolve_data_dir(None) == Path("data/glue")
 
 
+def test_find_data_dir_takes_the_first_folder_holding_glue_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLUE_DIR", str(FIXTURES))
+    assert data.find_data_dir() == FIXTURES                                  # 1. $GLUE_DIR
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("GLUE_DIR", str(empty))                               # a folder without GLUE files: passed over
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "glue" / "RTE").mkdir(parents=True)
+    shutil.copyfile(FIXTURES / "RTE" / "train.tsv", tmp_path / "data" / "glue" / "RTE" / "train.tsv")
+    assert data.find_data_dir() == data.find_data_dir("rte") == Path("data/glue")   # 2. ./data/glue
+    assert data.find_data_dir("SST-2") != Path("data/glue")                  # it holds no SST-2: the search goes on
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reading the nine layouts
 

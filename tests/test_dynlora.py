@@ -11,11 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import analysis
 import dynlora
+import runs
+from analysis import gate_statistics
 from dynlora import (AdapterConfig, LoRALinear, RankAllocator, RankGate, adapter_layers, apply_lora,
-                     budget_schedule, config_for_method, count_parameters, freeze_gates, gate_statistics,
-                     live_gates, load_adapter, merge_adapters, merge_and_unload, regularization_loss,
-                     save_adapter, unmerge_adapters)
+                     budget_schedule, config_for_method, count_parameters, freeze_gates, live_gates,
+                     merge_adapters, merge_and_unload, regularization_loss, unmerge_adapters)
+from runs import load_adapter, save_adapter
 from model import GPTClassifier, preset
 
 
@@ -243,6 +246,8 @@ def test_bad_configs_are_rejected_with_clear_messages():
         AdapterConfig(gate_penalty=-0.1)
     with pytest.raises(ValueError, match="ortho_gamma must be >= 0"):
         AdapterConfig(ortho_gamma=-1.0)
+    with pytest.raises(ValueError, match=r"^AdapterConfig: gate must be one of \['rank'\].*'sorA'$"):
+        AdapterConfig(gate="sorA")
     with pytest.raises(ValueError, match=r"target_r \(12\) is above the initial rank r \(8\)"):
         config_for_method("alloc", r=8, target_r=12)
     config_for_method("lora", r=2)             # target_r (4) is irrelevant without allocation: accepted
@@ -270,15 +275,15 @@ def test_adapter_file_for_another_backbone_is_refused(tmp_path):
 
 def test_adapter_state_dict_key_names():
     model, _ = adapted("dynlora")
-    state = dynlora.adapter_state_dict(model)
+    state = runs.adapter_state_dict(model)
     layer = "gpt.blocks.0.attn.q_proj."
     assert {k[len(layer):] for k in state if k.startswith(layer)} == {
         "lora_A", "lora_B", "mask", "gate.weight", "gate.bias", "gate.proj", "gate.frozen_mean", "gate.frozen"}
     assert {k for k in state if not k.startswith("gpt.")} == {"head.weight", "head.bias"}
     model, _ = adapted("adalora")
-    state = dynlora.adapter_state_dict(model)
+    state = runs.adapter_state_dict(model)
     assert {k[len(layer):] for k in state if k.startswith(layer)} == {"lora_A", "lora_B", "lora_E", "mask"}
-    assert dynlora.ADAPTER_FORMAT == "dynlora-adapter/2"
+    assert runs.ADAPTER_FORMAT == "dynlora-adapter/2"
 
 
 def test_adapter_file_from_before_gate_x_dims_loads_as_a_gate_that_reads_z_only(tmp_path):
@@ -385,7 +390,7 @@ def test_open_gate_reproduces_static_lora():
     torch.manual_seed(0)
     base = nn.Linear(12, 10)
     static = LoRALinear(base, r=4, alpha=8.0)
-    gated = LoRALinear(nn.Linear(12, 10), r=4, alpha=8.0, gate=RankGate(4, init=30.0))  # sigmoid(30) = 1 in fp32
+    gated = LoRALinear(nn.Linear(12, 10), r=4, alpha=8.0, gate=RankGate(4, 30.0, d_in=12, x_dims=0))  # sigmoid(30) = 1
     with torch.no_grad():
         gated.base.load_state_dict(base.state_dict())
         static.lora_B.normal_()
@@ -445,50 +450,6 @@ def test_gate_penalty_lowers_effective_rank_on_a_toy_problem():
     assert with_penalty <= 2.0                 # the penalty switches most components off
 
 
-def test_gate_statistics_counts_real_tokens_only():
-    model, _ = adapted("dynlora")
-    layers = adapter_layers(model)
-    layers[0][1].mask[0] = 0.0                 # 3 of 4 components active in the first layer
-    idx, _ = batch(B=2, T=6)
-    idx[0, 4:] = 0                             # two pad positions (pad_id = 0)
-    with gate_statistics(model, pad_id=0) as stats, torch.no_grad():
-        model.eval()
-        model(idx)
-    hist = stats.histogram()
-    # At init every gate is sigmoid(gate_init) = 0.73 > 0.5: each of the 10 real positions has all active gates open.
-    assert hist[layers[0][0]] == [0, 0, 0, 10, 0]
-    assert hist[layers[1][0]] == [0, 0, 0, 0, 10]
-    assert stats.mean_effective_rank()[layers[0][0]] == 3.0
-    assert all(l.gate.recorder is None for _, l in layers)       # the context leaves nothing behind
-
-
-def test_gate_values_keeps_the_active_gates_of_the_real_tokens():
-    model, _ = adapted("dynlora")
-    layers = adapter_layers(model)
-    for _, layer in layers:                    # gates that differ per token and per component
-        nn.init.normal_(layer.gate.weight, std=2.0, generator=torch.Generator().manual_seed(3))
-    layers[0][1].mask[1] = 0.0                 # component 1 of the first layer switched off by allocation
-    idx, _ = batch(B=2, T=6)
-    idx[1, 3:] = 0                             # three pad positions (pad_id = 0)
-    real = (idx != 0).reshape(-1)
-    name, layer = layers[0]
-    seen = []
-    layer.gate.register_forward_hook(lambda module, args, g: seen.append(g.detach()))
-    with dynlora.gate_values(model, pad_id=0) as values, torch.no_grad():
-        model.eval()
-        model(idx)
-    got = values.values()
-    expected = seen[0].reshape(-1, layer.r)[real][:, [0, 2, 3]]  # (B T, r) -> (9, 3): real rows, active columns
-    assert got[name].shape == (9, 3)
-    assert torch.equal(got[name], expected)
-    assert got[name].std(0).min() > 0.01       # the test's gates do vary across tokens
-    assert got[layers[1][0]].shape == (9, 4)
-    assert all(l.gate.recorder is None for _, l in layers)       # the context leaves nothing behind
-    with pytest.raises(ValueError, match="no input-driven gates"):
-        with dynlora.gate_values(adapted("lora")[0]):
-            pass
-
-
 def test_freeze_gates_then_merge_matches_frozen_forward():
     model, config = adapted("gate")
     train_steps(model, 5, lr=5e-2)             # gates now depend on the input
@@ -496,10 +457,10 @@ def test_freeze_gates_then_merge_matches_frozen_forward():
     with pytest.raises(RuntimeError, match="freeze_gates"):
         merge_and_unload(model)
     calibration = [batch(20 + i) for i in range(3)]              # (idx, y) tuples, as a loader yields
-    stats = freeze_gates(model, calibration, pad_id=0)
+    means = freeze_gates(model, calibration, pad_id=0)
     assert model.training                                         # mode restored
     for name, layer in adapter_layers(model):
-        assert layer.gate.is_frozen and torch.equal(layer.gate.frozen_mean, stats.mean_gate()[name])
+        assert layer.gate.is_frozen and torch.equal(layer.gate.frozen_mean, means[name])
     model.eval()
     with torch.no_grad():
         frozen = model(idx)[0]
@@ -533,19 +494,23 @@ class HalfGate(RankGate):
         return g
 
 
-def test_a_custom_gate_module_plugs_in(tmp_path):
+def test_a_custom_gate_module_plugs_in(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(6, 5), r=3, alpha=3.0, gate=HalfGate(3))   # s = 1
+    layer = LoRALinear(nn.Linear(6, 5), r=3, alpha=3.0, gate=HalfGate(3, d_in=6, x_dims=0))   # s = 1
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(4, 6)
     expected = layer.base(x) + 0.5 * (x @ layer.lora_A.t()) @ layer.lora_B.t()
     assert torch.allclose(layer(x), expected, atol=1e-6)
     with pytest.raises(ValueError, match="rank"):
-        LoRALinear(nn.Linear(6, 5), r=3, alpha=3.0, gate=RankGate(2))
-    # The whole model: apply_lora builds one per layer; penalty, statistics, freezing and files follow it.
-    model, config = classifier(), config_for_method("gate", r=4, gate_penalty=1.0)
-    apply_lora(model, config, gate_class=HalfGate)
+        LoRALinear(nn.Linear(6, 5), r=3, alpha=3.0, gate=RankGate(2, d_in=6))
+    # Registered by name and used by a method entry: apply_lora builds one per layer; penalty, statistics,
+    # freezing and files follow it.
+    monkeypatch.setitem(dynlora.GATES, "half", HalfGate)
+    monkeypatch.setitem(dynlora.METHODS, "half", dict(form="plain", allocation=False, gating=True, gate="half"))
+    model, config = classifier(), config_for_method("half", r=4, gate_penalty=1.0)
+    assert config.gate == "half" and config.method == "half"
+    apply_lora(model, config)
     assert all(type(l.gate) is HalfGate for _, l in adapter_layers(model))
     idx, _ = batch()
     model(idx)
@@ -559,11 +524,15 @@ def test_a_custom_gate_module_plugs_in(tmp_path):
         assert torch.allclose(merge_and_unload(model)(idx)[0], ref, atol=1e-5)
     path = save_adapter(tmp_path / "half.pt", model)
     fresh = classifier()
-    load_adapter(path, fresh, gate_class=HalfGate)
+    _, loaded, _ = load_adapter(path, fresh)                     # the file names its gate: it reloads as itself
     fresh.eval()
+    assert loaded.gate == "half" and loaded.method == "half"
     assert all(type(l.gate) is HalfGate and l.gate.is_frozen for _, l in adapter_layers(fresh))
     with torch.no_grad():
         assert torch.equal(fresh(idx)[0], ref)
+    monkeypatch.delitem(dynlora.GATES, "half")                    # a file whose gate is not registered here
+    with pytest.raises(ValueError, match=r"gate must be one of \['rank'\].*'half'"):
+        load_adapter(path, classifier())
 
 
 def test_live_gates_lists_the_layers_whose_gates_are_not_frozen():
@@ -818,6 +787,8 @@ def test_active_parameter_count():
 
 def test_method_table_and_presets():
     assert list(dynlora.METHODS) == ["lora", "alloc", "gate", "dynlora", "adalora"]
+    assert dynlora.method_names() == ("full", "lora", "alloc", "gate", "dynlora", "adalora")
+    assert dynlora.FULL == "full" and dynlora.GATES == {"rank": RankGate}
     for name in dynlora.METHODS:
         assert config_for_method(name).method == name
     cfg = config_for_method("dynlora", r=16, target_r=8)
@@ -827,12 +798,18 @@ def test_method_table_and_presets():
         config_for_method("dora")
     with pytest.raises(ValueError, match="another method"):
         config_for_method("lora", allocation=True)
+    with pytest.raises(ValueError, match="another method"):
+        config_for_method("gate", gate="other")               # the gate is one of a method's switches
+    assert AdapterConfig(gating=True, gate="rank").method == "gate"
     with pytest.raises(ValueError, match="unknown adapter option"):
         config_for_method("lora", rank=4)
     from dataclasses import asdict
     assert AdapterConfig.from_dict({**asdict(cfg), "targets": ["q_proj", "v_proj"]}) == cfg
     with pytest.raises(ValueError, match="unknown keys"):
         AdapterConfig.from_dict({"rank": 4})
+    saved = asdict(cfg)
+    del saved["gate"]                                         # a file written before the gate was named
+    assert AdapterConfig.from_dict(saved).gate == "rank"
 
 
 def test_gate_flops_per_token_by_hand():
@@ -904,7 +881,7 @@ def test_under_bf16_autocast_the_gates_agree_with_fp32():
     model.eval()
     values = {}
     for name, ctx in (("fp32", torch.autocast(enabled=False, **BF16)), ("bf16", torch.autocast(**BF16))):
-        with dynlora.gate_values(model) as recorded, torch.no_grad(), ctx:
+        with analysis.gate_values(model) as recorded, torch.no_grad(), ctx:
             logits, _ = model(idx)
         values[name] = (recorded.values(), logits.float())
     for layer, g32 in values["fp32"][0].items():

@@ -16,6 +16,7 @@ import torch
 import data
 import dynlora
 import planted
+import runs
 from conftest import FIXTURES, cli
 from planted import PlantedConfig
 
@@ -46,36 +47,26 @@ def one_thread():
 # Metrics, by hand
 # ---------------------------------------------------------------------------------------------------------
 
-def test_mutual_information_on_hand_examples():
-    kind = [0, 0, 1, 1]
-    assert planted.mutual_information_bits([5, 5, 9, 9], kind) == pytest.approx(1.0)   # the pattern is the kind
-    assert planted.mutual_information_bits([3, 3, 3, 3], kind) == pytest.approx(0.0)   # a constant pattern
-    assert planted.mutual_information_bits([0, 1, 0, 1], kind) == pytest.approx(0.0)   # independent of the kind
-    # joint p(0,0) = 1/2, p(1,0) = 0, p(0,1) = 1/4, p(1,1) = 1/4; p(x) = (3/4, 1/4), p(y) = (1/2, 1/2):
-    # I = 1/2 log2(4/3) + 1/4 log2(2/3) + 1/4 log2(2) = 0.311278
-    assert planted.mutual_information_bits([0, 0, 0, 1], kind) == pytest.approx(
-        0.5 * math.log2(4 / 3) + 0.25 * math.log2(2 / 3) + 0.25, abs=1e-12)
-    with pytest.raises(ValueError, match="1-D arrays of one length"):
-        planted.mutual_information_bits([0, 1], [0, 1, 1])
-
-
-def test_open_pattern_codes_the_open_components():
-    g = torch.tensor([[0.9, 0.1, 0.6], [0.2, 0.8, 0.4], [0.9, 0.1, 0.6]])
-    assert planted.open_pattern(g).tolist() == [1 + 4, 2, 1 + 4]
+def diff_to_lora(diffs):
+    """planted.summarize's paired interval (runs.paired_ci) of a method whose seeds differ from lora by diffs."""
+    rows = [dict(scenario="input", method=m, seed=s, rel_error=(0.5 + d if m == "alloc" else 0.5))
+            for s, d in enumerate(diffs) for m in ("lora", "alloc")]
+    return next(r for r in planted.summarize(rows) if r["method"] == "alloc")["diff_to_lora"]
 
 
 def test_paired_interval_against_a_hand_computation():
     d = [0.1, -0.2, 0.3, 0.0, 0.4]
-    mean, lo, hi = planted.paired_interval(d)
+    mean, lo, hi = diff_to_lora(d)
     # mean 0.12; sample sd = sqrt(sum (d - 0.12)^2 / 4) = sqrt(0.228 / 4) = 0.238747; t_{0.975, 4} = 2.776
     half = 2.776 * math.sqrt(0.228 / 4) / math.sqrt(5)
     assert mean == pytest.approx(0.12)
     assert (lo, hi) == pytest.approx((0.12 - half, 0.12 + half))
-    assert planted.paired_interval([1.0, 3.0])[1:] == pytest.approx((2 - 12.706, 2 + 12.706))   # df 1, sd sqrt(2)
-    assert planted.T_975[29] == 2.042 and len(planted.T_975) == 30
-    big = planted.paired_interval(np.arange(40.0))                                             # df 39: normal
-    assert big[2] - big[0] == pytest.approx(1.96 * np.arange(40.0).std(ddof=1) / math.sqrt(40))
-    assert all(math.isnan(v) for v in planted.paired_interval([0.5])[1:])
+    assert diff_to_lora([1.0, 3.0])[1:] == pytest.approx((2 - 12.706, 2 + 12.706))   # df 1, sd sqrt(2)
+    assert runs.T95[29] == 2.042 and len(runs.T95) == 30
+    big = diff_to_lora(np.arange(40.0) / 100)                                            # df 39: normal
+    assert big[2] - big[0] == pytest.approx(1.96 * (np.arange(40.0) / 100).std(ddof=1) / math.sqrt(40))
+    assert all(math.isnan(v) for v in diff_to_lora([0.5])[1:])                          # one pair: no interval
+    assert all(math.isnan(v) for v in diff_to_lora([0.25, 0.25])[1:])                   # equal differences: none
 
 
 def test_budget_share_and_rank_correlation():
@@ -87,16 +78,6 @@ def test_budget_share_and_rank_correlation():
         np.corrcoef([3.5, 1, 3.5, 2], [3.5, 1.5, 3.5, 1.5])[0, 1])            # Pearson of the (average) ranks
     assert planted.rank_correlation([4, 4, 4, 4], planted_ranks) is None       # undefined for a constant
     assert planted.rank_correlation([1, 2, 3, 4], [2, 2, 2, 2]) is None
-
-
-def test_gate_variances_split_tokens_from_layers():
-    # Layer a: component 0 is 0 or 1 by token (variance 1/4), component 1 always 1/2. Layer b: always 1.
-    a = torch.tensor([[0.0, 0.5], [1.0, 0.5], [0.0, 0.5], [1.0, 0.5]])
-    b = torch.ones(4, 2)
-    v = planted.gate_variances({"a": a, "b": b})
-    assert v["gate_var_tokens"] == pytest.approx((0.25 + 0 + 0 + 0) / 4)
-    assert v["gate_var_layers"] == pytest.approx(0.0625)                       # layer means 0.5 and 1
-    assert v["gate_var_components"] == pytest.approx(np.var([0.5, 0.5, 1, 1]))
 
 
 def test_relative_error_is_one_for_a_student_that_learned_nothing(tiny):
@@ -210,12 +191,14 @@ class ConstantGate(dynlora.RankGate):
         return g
 
 
-def test_input_learned_gate_beats_a_constant_gate_and_depends_on_the_kind(tiny):
+def test_input_learned_gate_beats_a_constant_gate_and_depends_on_the_kind(tiny, monkeypatch):
     cfg, base, streams = tiny
+    monkeypatch.setitem(dynlora.GATES, "constant", ConstantGate)               # the gate method with this gate
+    monkeypatch.setitem(dynlora.METHODS, "constant", {**dynlora.METHODS["gate"], "gate": "constant"})
     for seed in (0, 1):
         setting = planted.make_setting(base, streams, cfg, "input", seed)
         learned = planted.run_one(base, setting, cfg, "input", "gate", seed)
-        constant = planted.run_one(base, setting, cfg, "input", "gate", seed, gate_class=ConstantGate)
+        constant = planted.run_one(base, setting, cfg, "input", "constant", seed)
         assert learned["rel_error"] < constant["rel_error"] - 0.03
         assert learned["gate_mi_bits"] > 0.1 and constant["gate_mi_bits"] == 0.0
         assert learned["rel_error_frozen_gates"] > learned["rel_error"] + 0.03   # the input dependence is what helps

