@@ -101,8 +101,8 @@ def flops_row(name: str, flops: float, seconds: list, peak: float, target: str =
     (FLOP/s), with the range of the per-round percentages: a ">= x%" target is met only by the lowest round."""
     per_round = [100 * flops / s / peak for s in seconds]
     mid = flops / statistics.median(seconds)
-    return dict(name=name, value=f"{mid / 1e9:.1f} ({100 * mid / peak:.0f}%) [{min(per_round):.0f}–{max(per_round):.0f}%]",
-                low=min(per_round), high=max(per_round), target=target)
+    value = f"{mid / 1e9:.1f} ({100 * mid / peak:.0f}%) [{min(per_round):.0f}–{max(per_round):.0f}%]"
+    return dict(name=name, value=value, low=min(per_round), high=max(per_round), target=target)
 
 
 def median(times: dict, name: str) -> float:
@@ -279,7 +279,8 @@ def cpu_preset_rows(quick: bool) -> list:
     rows.append(dict(name=f"full fine-tuning step, B={B} T={T} (GFLOP/s, % of matmul)",
                      value=f"{ft_flops / 1e9:.1f} ({100 * ft_flops / peak:.0f}%)", target=">= 70%"))
     for m in dynlora.METHODS:
-        rows.append(ratio_row(f"step time {m} / full (r={r})", times, m, dynlora.FULL, "<= 0.72" if m == "lora" else ""))
+        rows.append(ratio_row(f"step time {m} / full (r={r})", times, m, dynlora.FULL,
+                              "<= 0.72" if m == "lora" else ""))
     for m in dynlora.METHODS:
         if m != "lora":
             rows.append(ratio_row(f"step time {m} / lora (r={r})", times, m, "lora", "<= 1.02"))
@@ -345,7 +346,8 @@ def smollm2_rows(B: int = 16, T: int = 64, rounds: int = 7) -> list:
     full_flops = training_flops(config, idx.numel(), T, lm_head=False)
     tag = f"SmolLM2-135M, B={B} T={T}"
     rows = [dict(name="CPU", value=f"{runs.machine_description()}; --precision auto -> {auto}")]
-    rows += [dict(name=f"{tag}: {p} matmul 2048^3 (GFLOP/s), same run", value=f"{v / 1e9:.1f}") for p, v in peak.items()]
+    rows += [dict(name=f"{tag}: {p} matmul 2048^3 (GFLOP/s), same run", value=f"{v / 1e9:.1f}")
+             for p, v in peak.items()]
     variants = ["lora fp32"] + (["lora bf16"] if "lora bf16" in steps else []) + \
         ([f"lora {auto} compiled"] if compiled is not None else [])
     for name in variants:

@@ -23,7 +23,7 @@ cli.py -- the command line: every command of the project, and the main job.
 The flags of pretrain, finetune, tune and planted are generated from their config dataclasses
 (train.PretrainConfig, train.FinetuneConfig, dynlora.AdapterConfig, train.SystemConfig, tune.TuneConfig,
 planted.PlantedConfig): one --flag per field, its --help the field's comment, its range checked by
-train.check_config against the field's bounds. The few flags of eval, export, gates, import, bench and
+runs.check_config against the field's bounds. The few flags of eval, export, gates, import, bench and
 zeroshot are written by hand below (and in zeroshot.add_arguments), each checked where it is used.
 
 Nothing imports this file; what a run does is train.py's, what it leaves on disk runs.py's.
@@ -51,7 +51,8 @@ import runtime
 import train
 import tune
 import zeroshot
-from train import FLAG_NAMES, FinetuneConfig, PretrainConfig, SystemConfig, check_config, flag
+from runs import FLAG_NAMES, check_config, flag
+from train import FinetuneConfig, PretrainConfig, SystemConfig
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -59,14 +60,22 @@ from train import FLAG_NAMES, FinetuneConfig, PretrainConfig, SystemConfig, chec
 # ---------------------------------------------------------------------------------------------------------
 
 def field_comments(cls) -> dict:
-    """{field name: its end-of-line comment} read from the class's source: the comments are the --help."""
+    """{field name: its end-of-line comment} read from the class's source: the comments are the --help. A
+    comment too long for its line goes on in the comment-only lines below whose # stands under the field's #."""
     comments = {}
     for klass in reversed(cls.__mro__):
         if dataclasses.is_dataclass(klass):
+            name = column = None
             for line in inspect.getsource(klass).splitlines():
-                match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+                match = re.match(r"(\s+(\w+)\s*:[^#]*)#\s*(.*)$", line)
+                more = re.match(r"(\s*)#\s*(.*)$", line)
                 if match:
-                    comments[match.group(1)] = match.group(2).strip()
+                    name, column = match.group(2), len(match.group(1))
+                    comments[name] = match.group(3).strip()
+                elif more and name is not None and len(more.group(1)) == column:
+                    comments[name] += " " + more.group(2).strip()
+                else:
+                    name = None
     return comments
 
 
@@ -89,8 +98,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls, rename: dict | None = 
         elif kind is list:                                  # e.g. --corpus a.txt b.txt
             parser.add_argument(flag(f.name, rename), nargs="*", type=str, **kw)
         elif kind is tuple:                                 # e.g. --lora-targets q_proj,v_proj
-            parser.add_argument(flag(f.name, rename), type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
-                                **kw)
+            parser.add_argument(flag(f.name, rename),
+                                type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()), **kw)
         else:
             parser.add_argument(flag(f.name, rename), type=kind, **kw)
 
@@ -285,7 +294,8 @@ def scratch_job(data_dir: str | None, t0: float):
         train.pretrain(PretrainConfig(out_dir=str(backbone), data_dir=data_dir))
     else:
         print(f"main: using the cached backbone in {backbone} (delete it to pretrain again)")
-    result = train.finetune(FinetuneConfig(task="SST-2", method=dynlora.FULL, backbone=str(backbone), data_dir=data_dir))
+    result = train.finetune(FinetuneConfig(task="SST-2", method=dynlora.FULL, backbone=str(backbone),
+                                           data_dir=data_dir))
     print(f"\nmain: SST-2 dev accuracy {100 * result['dev']['dev']['accuracy']:.2f}% "
           f"(full fine-tuning, epoch {result['best_epoch']}); total wall time {(time.time() - t0) / 60:.1f} min\n")
     print(report.render_report([result]))

@@ -550,7 +550,8 @@ def load_tokenizer(path) -> Tokenizer:
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:                                  # tokenizers raises a bare Exception on bad JSON
-        raise DataError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]}); delete it and retrain") from None
+        raise DataError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]}); "
+                        "delete it and retrain") from None
     ids = [tok.token_to_id(t) for t in (PAD, SEP, CLS, EOS)]
     if ids != [PAD_ID, SEP_ID, CLS_ID, EOS_ID]:
         raise DataError(f"{path}: special tokens {PAD, SEP, CLS, EOS} have ids {ids}, expected [0, 1, 2, 3]; "
@@ -625,7 +626,8 @@ def _encode_prompted(tok: Tokenizer, examples: list[Example], max_len: int, temp
     if any((ex.text_b is not None) != pair for ex in examples):
         raise DataError(f"the prompt template {template!r} {'has' if pair else 'lacks'} a {{b}} but the "
                         f"examples {'lack' if pair else 'have'} a second text; fix the template")
-    texts = lambda ex: {"{a}": ex.text_a, "{b}": ex.text_b}
+    def texts(ex):
+        return {"{a}": ex.text_a, "{b}": ex.text_b}
     whole = _encode_texts(tok, [literals[0] + "".join(texts(ex)[slot] + literals[k + 1] for k, slot in enumerate(slots))
                                 for ex in examples])
     space = [lit.endswith(" ") for lit in literals[:-1]]   # the space before each placeholder

@@ -1,33 +1,22 @@
 """
 dynlora.py -- LoRA, then two ways to make it dynamic, written to be read top to bottom.
 
-The project follows "Dynamic Adaptation of LoRA Fine-Tuning for Efficient and Task-Specific Optimization
-of Large Language Models" (Liao et al., arXiv 2501.14859). The paper names two mechanisms on top of LoRA --
-"an adaptive weight allocation mechanism coupled with an input feature-based adaptive strategy" -- and
-claims they cost "only 0.1% more resources than standard LoRA", but it gives no equations. This file makes
-each mechanism concrete, borrows the form from the nearest published method, and says which choices are
-ours (the measurements behind them: docs/design.md).
+The project follows "Dynamic Adaptation of LoRA Fine-Tuning for Efficient and Task-Specific Optimization of
+Large Language Models" (Liao et al., arXiv 2501.14859). The paper names two mechanisms on top of LoRA -- "an
+adaptive weight allocation mechanism coupled with an input feature-based adaptive strategy" -- and claims they
+cost "only 0.1% more resources than standard LoRA", but gives no equations. This file makes each mechanism
+concrete in the form of the nearest published method (docs/design.md: the measurements behind our choices).
 
-In order, the file holds:
-
-  Methods.   The method table METHODS (lora / alloc / gate / dynlora / adalora), AdapterConfig (every
-             setting of every method) and config_for_method, which builds the one from the other.
-  Chapter 1. LoRA (Hu et al. 2021): the adapted layer LoRALinear, applying adapters to a GPT by name,
-             freezing, merging.
-  Chapter 2. Input-driven rank gating -- the "input feature-based adaptive strategy": a per-token gate on
-             each of the r rank components. The gate contract (Gate), its one implementation RankGate, the
-             registry GATES, the sparsity penalty, and freezing a gate for merging.
-  Chapter 3. Importance-based rank allocation -- the "adaptive weight allocation": a global budget of rank
-             components that moves between layers according to a smoothed sensitivity score (AdaLoRA's):
-             sensitivity, importance_score, the budget schedule, RankAllocator.
-
-Adapter files live in runs.py (save_adapter / load_adapter), gate recorders and statistics in analysis.py.
+  Methods    METHODS (lora / alloc / gate / dynlora / adalora), AdapterConfig, config_for_method
+  Chapter 1  LoRA: LoRALinear, apply_lora, merging
+  Chapter 2  input-driven rank gating: the Gate contract, RankGate, GATES, the sparsity penalty, freeze_gates
+  Chapter 3  importance-based rank allocation: the budget schedule, sensitivity, importance_score, RankAllocator
 
 Notation. A layer maps x in R^{d_in} to h in R^{d_out}; W0 (d_out x d_in) and b are the frozen pretrained
 weight and bias; A (r x d_in) and B (d_out x r) are the adapter; z = A x in R^r are the adapter's r "rank
 components" for one token; s is the scale. A FLOP is one multiply or one add.
 
-How train.py uses it (the call order matters; each function's docstring has the details):
+How train.py uses it (the call order matters):
 
     config = config_for_method("dynlora", r=8, target_r=4)
     apply_lora(model, config)                          # wraps layers, freezes the backbone
@@ -39,6 +28,8 @@ How train.py uses it (the call order matters; each function's docstring has the 
         if allocator: allocator.step(t)               # reads the gradients: before zero_grad
         optimizer.zero_grad()
     runs.save_adapter("adapter.pt", model, config, extra={...})
+
+Adapter files and the allocator's checkpoint state are in runs.py, gate recorders in analysis.py.
 """
 
 import copy
@@ -61,11 +52,10 @@ ADAPTABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out", "gate_pr
 # The methods and their configuration (cli.py turns each config field into a --flag)
 # ---------------------------------------------------------------------------------------------------------
 #
-# Every method shares the same rank and budget settings (r is the initial rank, target_r the final average);
-# only the switches differ. "gate" keeps rank r everywhere and lets each token choose; "alloc" moves a
-# shrinking budget between layers; "dynlora" does both -- the paper's method as we read it; "adalora" is the
-# published baseline for allocation (svd form, orthogonality penalty, no gate). An entry may also name its
-# gate (a key of GATES, chapter 2); a new method is one more entry.
+# All methods share the rank and budget settings (r is the initial rank, target_r the final average); only
+# the switches differ. "gate" keeps rank r everywhere and lets each token choose; "alloc" moves a shrinking
+# budget between layers; "dynlora" does both -- the paper's method as we read it; "adalora" is the published
+# baseline for allocation. An entry may also name its gate (a key of GATES); a new method is one more entry.
 
 METHODS = {
     "lora":    dict(form="plain", allocation=False, gating=False),   # static LoRA (Hu et al. 2021)
@@ -85,76 +75,74 @@ def method_names() -> tuple[str, ...]:
 
 @dataclass
 class AdapterConfig:
-    """Every setting of every method. Fields a method does not use are ignored by it (the comments are the
-    --help of cli.py's flags). The LoRA fields use peft's vocabulary. The SWITCHES say which method this
-    is: build a config with config_for_method(name) rather than setting them by hand.
-    """
+    """Every setting of every method; a method ignores the fields it does not use. The comments are the --help
+    of cli.py's flags; the LoRA fields use peft's vocabulary. Build one with config_for_method(name), which
+    sets the SWITCHES."""
     # --- Chapter 1: LoRA ---
-    r: int = 8                            # rank of each adapter (the initial rank when allocating)
-    alpha: float = 16.0                   # scale numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)
-    dropout: float = 0.0                  # dropout on the adapter's input (the frozen path sees the plain x)
-    targets: tuple = ("q_proj", "v_proj")  # per block: q/k/v/o_proj (attention), fc_in/fc_out or gate/up/down_proj (MLP)
-    use_rslora: bool = False              # rank-stabilised scale s = alpha / sqrt(r) (Kalajdzievski 2023)
-    bias: str = "none"                    # biases that train: none | all | lora_only (of adapted layers)
-    modules_to_save: tuple = ("head",)    # modules trained in full and stored in the adapter file
+    r: int = 8                        # rank of each adapter (the initial rank when allocating)
+    alpha: float = 16.0               # scale numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.0              # dropout on the adapter's input (the frozen path sees the plain x)
+    targets: tuple = ("q_proj", "v_proj")  # layers: q/k/v/o_proj (attention), fc_in/fc_out or gate/up/down_proj (MLP)
+    use_rslora: bool = False          # rank-stabilised scale s = alpha / sqrt(r) (Kalajdzievski 2023)
+    bias: str = "none"                # biases that train: none | all | lora_only (of adapted layers)
+    modules_to_save: tuple = ("head",)  # modules trained in full and stored in the adapter file
     # --- which method (set by config_for_method) ---
-    form: str = "plain"                   # plain: dW = s B diag(m) A; svd: s B diag(lambda * m) A (AdaLoRA)
-    allocation: bool = False              # move rank components between layers by importance (chapter 3)
-    gating: bool = False                  # per-token input-driven gates on the rank components (chapter 2)
-    gate: str = "rank"                    # the gate class of a gating method, by its name in dynlora.GATES
+    form: str = "plain"               # plain: dW = s B diag(m) A; svd: s B diag(lambda * m) A (AdaLoRA)
+    allocation: bool = False          # move rank components between layers by importance (chapter 3)
+    gating: bool = False              # per-token input-driven gates on the rank components (chapter 2)
+    gate: str = "rank"                # the gate class of a gating method, by its name in dynlora.GATES
     # --- Chapter 2: gating ---
-    gate_init: float = 1.0                # initial gate bias c: every gate starts at sigmoid(c) (0.73 for 1)
-    gate_penalty: float = 0.01            # lambda_g: weight of the mean-gate sparsity penalty in the loss
-    gate_x_dims: int = 1                  # p: learned projections P x of the layer input the gate reads besides z = A x (0 = z only)
-    gate_lr_mult: float = 1.0             # the gates' learning rate (W_g, c, P) as a multiple of the run's (train.make_optimizer)
+    gate_init: float = 1.0            # initial gate bias c: every gate starts at sigmoid(c) (0.73 for 1)
+    gate_penalty: float = 0.01        # lambda_g: weight of the mean-gate sparsity penalty in the loss
+    gate_x_dims: int = 1              # p: learned projections P x of the input the gate reads besides z (0 = z only)
+    gate_lr_mult: float = 1.0         # the gates' learning rate (W_g, c, P) as a multiple of the run's
     # --- Chapter 3: allocation ---
-    target_r: int = 4                     # final average rank per adapted layer (budget = target_r x layers)
-    t_init: int = 50                      # warm-up optimizer steps with all components active
-    t_final: int = 50                     # last optimizer steps with the budget at its target, masks frozen
-    delta_t: int = 10                     # optimizer steps between two reallocations
-    beta1: float = 0.85                   # EMA factor of the smoothed sensitivity I_bar
-    beta2: float = 0.85                   # EMA factor of the uncertainty U_bar
-    ortho_gamma: float = 0.1              # weight of the orthogonality penalty on A and B (form svd only)
+    target_r: int = 4                 # final average rank per adapted layer (budget = target_r x layers)
+    t_init: int = 50                  # warm-up optimizer steps with all components active
+    t_final: int = 50                 # last optimizer steps with the budget at its target, masks frozen
+    delta_t: int = 10                 # optimizer steps between two reallocations
+    beta1: float = 0.85               # EMA factor of the smoothed sensitivity I_bar
+    beta2: float = 0.85               # EMA factor of the uncertainty U_bar
+    ortho_gamma: float = 0.1          # weight of the orthogonality penalty on A and B (form svd only)
 
     def __post_init__(self):
-        # Accept lists (from JSON or torch.load) and comma-separated strings for the tuple fields.
-        for name in ("targets", "modules_to_save"):
+        for name in ("targets", "modules_to_save"):   # lists (JSON, torch.load) and "a,b" strings become tuples
             value = getattr(self, name)
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             setattr(self, name, tuple(value))
         unknown = [t for t in self.targets if t not in ADAPTABLE]
-        checks = [
-            (isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}"),
-            (self.alpha > 0, f"alpha must be > 0, got {self.alpha}"),
-            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+
+        def rule(name, ok, allowed):                  # (ok, "<name> must be <allowed>, got <its value>")
+            return ok, f"{name} must be {allowed}, got {getattr(self, name)!r}"
+        rules = [
+            rule("r", isinstance(self.r, int) and self.r > 0, "a positive integer"),
+            rule("alpha", self.alpha > 0, "> 0"),
+            rule("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
             (len(self.targets) > 0, f"targets is empty; choose some of {list(ADAPTABLE)}"),
             (not unknown, f"unknown target(s) {unknown}; valid targets are {list(ADAPTABLE)}"),
-            (self.bias in ("none", "all", "lora_only"), f"bias must be none | all | lora_only, got {self.bias!r}"),
-            (self.form in ("plain", "svd"), f"form must be plain | svd, got {self.form!r}"),
-            (self.gate in GATES, f"gate must be one of {list(GATES)} (dynlora.GATES), got {self.gate!r}"),
-            (math.isfinite(self.gate_init), f"gate_init must be a finite number, got {self.gate_init}"),
-            (self.gate_penalty >= 0, f"gate_penalty must be >= 0 (it is a penalty), got {self.gate_penalty}"),
-            (isinstance(self.gate_x_dims, int) and self.gate_x_dims >= 0,
-             f"gate_x_dims must be an integer >= 0, got {self.gate_x_dims!r}"),
-            (math.isfinite(self.gate_lr_mult) and self.gate_lr_mult > 0,
-             f"gate_lr_mult must be a finite number > 0, got {self.gate_lr_mult}"),
-            (self.ortho_gamma >= 0, f"ortho_gamma must be >= 0 (it is a penalty), got {self.ortho_gamma}"),
-            (0.0 <= self.beta1 < 1.0, f"beta1 must be in [0, 1), got {self.beta1}"),
-            (0.0 <= self.beta2 < 1.0, f"beta2 must be in [0, 1), got {self.beta2}"),
+            rule("bias", self.bias in ("none", "all", "lora_only"), "none | all | lora_only"),
+            rule("form", self.form in ("plain", "svd"), "plain | svd"),
+            rule("gate", self.gate in GATES, f"one of {list(GATES)} (dynlora.GATES)"),
+            rule("gate_init", math.isfinite(self.gate_init), "a finite number"),
+            rule("gate_penalty", self.gate_penalty >= 0, ">= 0 (it is a penalty)"),
+            rule("gate_x_dims", isinstance(self.gate_x_dims, int) and self.gate_x_dims >= 0, "an integer >= 0"),
+            rule("gate_lr_mult", math.isfinite(self.gate_lr_mult) and self.gate_lr_mult > 0, "a finite number > 0"),
+            rule("ortho_gamma", self.ortho_gamma >= 0, ">= 0 (it is a penalty)"),
+            rule("beta1", 0.0 <= self.beta1 < 1.0, "in [0, 1)"),
+            rule("beta2", 0.0 <= self.beta2 < 1.0, "in [0, 1)"),
         ]
-        if self.allocation:   # the schedule's own numbers; the fit to the training length is checked later
-            checks += [
-                (isinstance(self.target_r, int) and self.target_r >= 1,
-                 f"target_r must be an integer >= 1, got {self.target_r!r}"),
-                (self.target_r <= self.r,
-                 f"target_r ({self.target_r}) is above the initial rank r ({self.r}): allocation only removes "
-                 f"rank components, so the target budget cannot exceed the initial one; lower target_r or raise r"),
-                (self.t_init >= 0, f"t_init must be >= 0, got {self.t_init}"),
-                (self.t_final >= 0, f"t_final must be >= 0, got {self.t_final}"),
-                (self.delta_t >= 1, f"delta_t must be >= 1, got {self.delta_t}"),
+        if self.allocation:   # the schedule's own numbers; its fit to the training length is checked later
+            rules += [
+                rule("target_r", isinstance(self.target_r, int) and self.target_r >= 1, "an integer >= 1"),
+                (self.target_r <= self.r, f"target_r ({self.target_r}) is above the initial rank r ({self.r}): "
+                 f"allocation only removes rank components, so the target budget cannot exceed the initial one; "
+                 f"lower target_r or raise r"),
+                rule("t_init", self.t_init >= 0, ">= 0"),
+                rule("t_final", self.t_final >= 0, ">= 0"),
+                rule("delta_t", self.delta_t >= 1, ">= 1"),
             ]
-        for ok, message in checks:
+        for ok, message in rules:
             if not ok:
                 raise ValueError(f"AdapterConfig: {message}")
 
@@ -163,17 +151,6 @@ class AdapterConfig:
         """The name in METHODS whose switches this config has, or "custom"."""
         mine = {k: getattr(self, k) for k in SWITCHES}
         return next((name for name in METHODS if method_switches(name) == mine), "custom")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AdapterConfig":
-        """Build a config from a saved dict, naming any key this version does not know. A dict saved before
-        gate_x_dims existed reads as 0, the z-only gate it was trained with; one saved before `gate`, as "rank".
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"AdapterConfig: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**{"gate_x_dims": 0, **d})
 
 
 def method_switches(name: str) -> dict:
@@ -207,29 +184,20 @@ def config_for_method(name: str, **overrides) -> AdapterConfig:
 #     h = W0 x + b + s * B A x,          A: r x d_in,  B: d_out x r,  r << min(d_in, d_out).
 #
 # Only A and B train: r (d_in + d_out) parameters instead of d_in d_out. After training, W0 + s B A is an
-# ordinary weight of the same shape, so the adapted model runs at exactly the base model's speed.
-#
-# The same module also carries the two dynamic mechanisms of chapters 2 and 3. They enter the forward pass
-# only through an r-vector that multiplies z = A x component-wise, so the general form computed here is
-#
-#     h = W0 x + b + s * B diag(c * g(x)) A x,
-#
-# where c in R^r is static (the allocation mask m, times lambda in AdaLoRA's form, times a frozen gate) and
-# g(x) in [0,1]^r is the per-token gate, a separate module (chapter 2). Plain LoRA has neither, and its
-# forward pass contains no extra op.
+# ordinary weight of the same shape, so the adapted model runs at exactly the base model's speed. The same
+# module carries the dynamic mechanisms of chapters 2 and 3: both enter only through an r-vector that scales
+# z = A x component-wise.
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear (`self.base`) plus a low-rank update: h = W0 x + b + s * B diag(c * g(x)) A dropout(x).
+    """A frozen nn.Linear (`self.base`) plus a low-rank update: h = W0 x + b + s * B diag(c * g(x)) A dropout(x),
+    where c in R^r is static (the allocation mask m, times lambda in AdaLoRA's form, times a frozen gate) and
+    g(x) in [0,1]^r is the per-token gate (chapter 2). Plain LoRA has neither, and no extra op.
 
-    Plain LoRA: A (r x d_in) ~ Kaiming-uniform, nn.Linear's default, so each z_i = A_i x has the same size
-    whatever d_in; A must be random, since B's gradient s delta z^T (delta = dL/dh) would stay zero otherwise.
-    B = 0, so training starts exactly at the pretrained function. s = alpha / r, or alpha / sqrt(r) with
-    use_rslora, the factor that keeps the update's scale stable in r (Kalajdzievski 2023).
-    The update is computed as (x A^T) B^T, never as B A: 2 r (d_in + d_out) FLOPs per token.
-
-    Dynamic parts, present only when asked for: form="svd" adds lambda (`lora_E`): dW = s B diag(lambda) A;
-    masked=True adds a 0/1 buffer `mask` m; gate is a Gate (chapter 2), whose `frozen_mean` joins c once frozen.
-    merge() / unmerge() fold the update into W0 and back (only when called).
+    Init: A ~ Kaiming-uniform, nn.Linear's default, so each z_i = A_i x has the same size whatever d_in; A must
+    be random, since B's gradient s delta z^T (delta = dL/dh) would stay zero otherwise. B = 0, so training
+    starts exactly at the pretrained function. s = alpha / r, or alpha / sqrt(r) with use_rslora, which keeps
+    the update's scale stable in r (Kalajdzievski 2023). The update is computed as (x A^T) B^T, never as B A:
+    2 r (d_in + d_out) FLOPs per token. form="svd" adds lambda (`lora_E`), masked=True the 0/1 buffer `mask`.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
@@ -258,10 +226,9 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, d_in, **factory))
         self.lora_B = nn.Parameter(torch.empty(d_out, r, **factory))
         if form == "plain":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # random: B's gradient s delta z^T is nonzero
-            nn.init.zeros_(self.lora_B)                             # dW = 0: start at the pretrained function
-        else:
-            # AdaLoRA's init: dW = 0 through lambda = 0; A, B random so lambda's gradient is nonzero.
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+        else:   # AdaLoRA's init: dW = 0 through lambda = 0; A, B random so that lambda's gradient is nonzero
             nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
             nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
             self.lora_E = nn.Parameter(torch.zeros(r, **factory))
@@ -269,8 +236,6 @@ class LoRALinear(nn.Module):
             self.register_buffer("mask", torch.ones(r, **factory))   # all active; RankAllocator rewrites it
         self.gate = gate                                     # a submodule: its tensors are saved as gate.*
         self.merged = False
-
-    # -- the forward pass --------------------------------------------------------------------------------
 
     def static_coefficients(self) -> torch.Tensor | None:
         """The static r-vector c of dW = s B diag(c) A (m, lambda, a frozen gate, their product), or None."""
@@ -303,8 +268,6 @@ class LoRALinear(nn.Module):
         y = torch.addmm(out2d, z2d, self.lora_B.t(), alpha=self.scaling)  # (N, r) @ (r, d_out) + (N, d_out)
         return y.view(out.shape)                             # (N, d_out) -> (..., d_out)
 
-    # -- merging -------------------------------------------------------------------------------------------
-
     def delta_weight(self) -> torch.Tensor:
         """The update dW = s B diag(c) A as a (d_out x d_in) matrix (for merging; not used in forward)."""
         if self.gate is not None and not self.gate.is_frozen:
@@ -312,8 +275,7 @@ class LoRALinear(nn.Module):
                                f"input x, so it has no single weight to merge; call freeze_gates(model, batches) "
                                f"first to replace each gate by its average")
         A = self.scaled_A()
-        # In the weights' own precision, also inside a bf16 autocast block.
-        with torch.autocast(A.device.type, enabled=False):
+        with torch.autocast(A.device.type, enabled=False):   # in the weights' own precision, also under autocast
             return self.scaling * (self.lora_B @ A)          # (d_out, r) @ (r, d_in) -> (d_out, d_in)
 
     @torch.no_grad()
@@ -333,7 +295,6 @@ class LoRALinear(nn.Module):
                                f"was never added")
         self.base.weight -= self.delta_weight()
         self.merged = False
-
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """AdaLoRA's regulariser (||A A^T - I||_F^2 + ||B^T B - I||_F^2) / r (the / r is ours: the same weight
@@ -381,10 +342,9 @@ def apply_lora(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Wrap the target projections of every block in LoRALinear and freeze everything else (in place).
 
     Trainable afterwards: the adapters (A, B, and lambda / gate parameters where the method has them), the
-    modules named in config.modules_to_save (the classification head: it is new, so it must train), and the
-    biases selected by config.bias. Returns the model; count_parameters(model) gives (trainable, total).
-    The config is kept as model.adapter_config. With config.gating each layer gets its own gate,
-    GATES[config.gate](r, gate_init, d_in=, x_dims=, device=, dtype=).
+    modules in config.modules_to_save (the classification head: it is new, so it must train), and the biases
+    selected by config.bias. The config is kept as model.adapter_config. With config.gating each layer gets its
+    own gate, GATES[config.gate](r, gate_init, d_in=, x_dims=, device=, dtype=). Returns the model.
     """
     if adapter_layers(model):
         raise ValueError("this model already has adapters; apply_lora expects the plain backbone")
@@ -403,14 +363,13 @@ def apply_lora(model: nn.Module, config: AdapterConfig) -> nn.Module:
         p.requires_grad_(False)
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         gate = None
         if config.gating:
             gate = gate_class(config.r, config.gate_init, d_in=linear.in_features, x_dims=config.gate_x_dims,
                               device=linear.weight.device, dtype=linear.weight.dtype)
         layer = LoRALinear(linear, config.r, config.alpha, config.dropout, config.use_rslora, form=config.form,
                            masked=config.allocation, gate=gate, name=name)
-        setattr(parent, attr, layer)
+        setattr(model.get_submodule(parent_name), attr, layer)
     for _, layer in adapter_layers(model):
         for key, p in layer.named_parameters():            # A, B (lambda, gate.*): not the frozen base
             if not key.startswith("base."):
@@ -469,43 +428,30 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 #
 # The paper: "Another gain in flexibility arises from the consideration of the input feature distribution,
 # which helps the model generalize better when faced with complicated and diverse datasets." It does not say
-# how. Our concrete form gives each of the r rank components a gate that depends on the token:
+# how. Ours gives each of the r rank components a gate that depends on the token:
 #
 #     z = A x in R^r                                  (already computed by LoRA)
 #     q = P x in R^p                                  (P: p x d_in, p = gate_x_dims, 1 by default)
 #     g(x) = sigmoid(W_g [z; q] + c) in [0,1]^r       (W_g: r x (r + p), c: r)
 #     dW x = s * B diag(m * g(x)) A x                 (m: the allocation mask of chapter 3, 1 without allocation)
 #
-# so a token uses as many components as its gates open: its "effective rank" is #{i : m_i g_i > 0.5}.
-# Nearest relatives: SoRA (Ding et al. 2023) gates the rank with one vector for all inputs, driven to exact
-# zeros by a proximal L1 step; SMoRA (Zhao et al. 2025) routes each token to its top-k ranks. Ours takes
-# SMoRA's per-token choice, with a soft sigmoid gate trained by backpropagation and an L1-style penalty.
-#
-# Why per token: the update is applied token by token, and in a causal model a per-sequence gate would have
-# to read the future. Why P x besides z: z holds only what the update reads, and the feature that decides
-# WHICH components a token needs need not be among it (planted.py's scenario "input" plants that case).
-# Why c = 1: the gates start open (0.73) where the sigmoid's slope is near its maximum, and Adam moves c by
-# about lr per step, so a gate can still close within a run; gate_lr_mult is for runs too short for that.
+# so a token uses as many components as its gates open: its "effective rank" is #{i : m_i g_i > 0.5}. This
+# is SMoRA's per-token choice of ranks (Zhao et al. 2025, top-k routing) made soft and trained by
+# backpropagation; SoRA (Ding et al. 2023) gates the rank with one vector for all inputs. Per token, because
+# in a causal model a per-sequence gate would read the future. P x besides z, because the feature that decides
+# WHICH components a token needs need not be among those the update reads (planted.py's scenario "input").
+# c = 1, so the gates start open (0.73) where the sigmoid is steep; Adam moves c by about lr per step, so a
+# gate can close within a run (gate_lr_mult is for runs too short for that).
 #
 # Sparsity. Nothing else asks a gate to close, so the loss gets lambda_g * mean of m_i g_i(x) over positions,
 # components and gated layers: the L1 norm of the (non-negative) gates. Keep lambda_g small: the update is
 # unchanged when g shrinks and B grows by the same factor, but the penalty is not, so a strong one pushes the
-# gates into the flat end of the sigmoid, where they learn slowly. Pads count too (the layer cannot tell
-# them apart); with right padding in a causal model they only dilute the penalty.
+# gates into the flat end of the sigmoid, where they learn slowly. Pads count too (the layer cannot tell them
+# apart); with right padding in a causal model they only dilute the penalty.
 #
-# Inference. A gated update depends on x, so it cannot be merged into W0: freeze_gates() replaces each gate
-# by its average g_bar over calibration data, and dW = s B diag(m g_bar) A merges like LoRA.
-#
-# Cost per token and layer: 2 p d_in + 2 r (r + p) + 6 r FLOPs (gate_flops_per_token), against
-# 2 r (d_in + d_out) for LoRA. The measurements behind these choices: docs/design.md.
-
-def _aside_generator() -> torch.Generator:
-    """A CPU generator seeded from the global random stream without advancing it: what is drawn from it leaves
-    every later draw of the global stream as it would have been. (A copy of the global generator gives one
-    number, the seed of a fresh generator, so its stream does not repeat the numbers A will be drawn from.)"""
-    copy = torch.Generator().set_state(torch.get_rng_state())
-    return torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=copy)) ^ 0x5DEECE66D)
-
+# Inference. A gated update depends on x, so freeze_gates() replaces each gate by its mean g_bar over
+# calibration data, and dW = s B diag(m g_bar) A merges like LoRA. Cost per token and layer:
+# 2 p d_in + 2 r (r + p) + 6 r FLOPs (gate_flops_per_token), against 2 r (d_in + d_out) for LoRA.
 
 class Gate(Protocol):
     """What the rest of the code uses of a gate: the contract a new gate class keeps (RankGate is one).
@@ -550,10 +496,13 @@ class RankGate(nn.Module):
         self.weight = nn.Parameter(torch.zeros(r, r + x_dims, **factory))       # W_g over [z; P x]
         self.bias = nn.Parameter(torch.full((r,), float(init), **factory))      # c
         if x_dims:
-            # Drawn from a generator of its own, so that A and everything drawn after the gate are the same
-            # numbers as in a LoRA model of the same seed.
+            # Drawn aside, so that A and everything drawn after the gate are the same numbers as in a LoRA
+            # model of the same seed: a fresh generator seeded from a copy of the global one, which is left as
+            # it was (the copy gives one number, so its stream does not repeat the numbers A is drawn from).
+            rng = torch.Generator().set_state(torch.get_rng_state())
+            aside = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=rng)) ^ 0x5DEECE66D)
             proj = torch.empty(x_dims, d_in)
-            nn.init.kaiming_uniform_(proj, a=math.sqrt(5), generator=_aside_generator())
+            nn.init.kaiming_uniform_(proj, a=math.sqrt(5), generator=aside)
             self.proj = nn.Parameter(proj.to(**factory))                         # P
         self.register_buffer("frozen_mean", torch.ones(r, **factory))
         self.register_buffer("frozen", torch.tensor(False, device=device))
@@ -572,7 +521,7 @@ class RankGate(nn.Module):
     def record(self, g: torch.Tensor, mask: torch.Tensor | None):
         """Keep `last_mean`, the mean over positions and components of m * g (m = 1 without allocation), a 0-d
         tensor in the autograd graph for the penalty; and hand g to the recorder, if one is set."""
-        per_component = g.reshape(-1, self.r).float().mean(0)    # (..., r) -> (N, r) -> (r,), in fp32 under autocast
+        per_component = g.reshape(-1, self.r).float().mean(0)    # (..., r) -> (N, r) -> (r,), fp32 under autocast
         if mask is not None:
             # A switched-off component does nothing, so its gate is neither penalised nor counted.
             self.last_mean = (per_component * mask).sum() / self.r
@@ -608,7 +557,8 @@ class RankGate(nn.Module):
         return 2 * x_dims * d_in + 2 * r * (r + x_dims) + 6 * r
 
     def extra_repr(self) -> str:
-        return f"r={self.r}" + (f", x_dims={self.x_dims}" if self.x_dims else "") + (", frozen" if self.is_frozen else "")
+        frozen = ", frozen" if self.is_frozen else ""
+        return f"r={self.r}" + (f", x_dims={self.x_dims}" if self.x_dims else "") + frozen
 
 
 GATES: dict[str, type] = {"rank": RankGate}   # gate classes by name (AdapterConfig.gate); add one: GATES["name"] = cls
@@ -683,8 +633,7 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
     """
     config = config_of(model)
     layers = adapter_layers(model)
-    device = layers[0][1].lora_A.device
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), device=layers[0][1].lora_A.device)
     gates = [m.gate for _, m in live_gates(model)]
     if gates:
         records = [gate.last_mean for gate in gates]
@@ -707,44 +656,29 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
 # The paper: "Traditional LoRA methods use static adapter settings, not considering the different importance
 # of model layers. In contrast, dynamic LoRA introduces a mechanism that dynamically evaluates the layer's
 # importance during fine-tuning. This evaluation enables the reallocation of adapter parameters to fit the
-# unique demands of each individual task". Our concrete form is AdaLoRA's (Zhang et al. 2023):
+# unique demands of each individual task". Our concrete form is AdaLoRA's (Zhang et al. 2023).
 #
 # Components and masks. Each adapted layer has r rank components (row i of A, column i of B, and lambda_i in
 # the svd form) and a 0/1 mask m: dW = s B diag(m) A ("plain") or s B diag(lambda * m) A ("svd"). The plain
-# form keeps LoRA's init and exact starting point, so that alloc-vs-lora isolates the effect of allocation;
-# the svd form is AdaLoRA's (lambda plays the singular values, kept meaningful by the orthogonality penalty).
-# Masking never zeroes A, B or lambda, so a switched-off component keeps its weights and can come back.
+# form keeps LoRA's init, so that alloc-vs-lora isolates the effect of allocation; the svd form is AdaLoRA's
+# (lambda plays the singular values, kept meaningful by the orthogonality penalty). Masking never zeroes A, B
+# or lambda, so a switched-off component keeps its weights and can come back.
 #
-# Importance. Per parameter, the sensitivity I = |theta * dL/dtheta| is the first-order change of the loss
-# if theta were set to zero. It is noisy from batch to batch, so AdaLoRA smooths it and weighs it by its
-# uncertainty:
+# Importance. A parameter's sensitivity I = |theta * dL/dtheta| is noisy from batch to batch, so AdaLoRA
+# smooths it and weighs it by its uncertainty, and scores each component from I_bar * U_bar of its
+# parameters (importance_score):
 #
 #     I_bar <- beta1 I_bar + (1 - beta1) I              (smoothed sensitivity)
 #     U_bar <- beta2 U_bar + (1 - beta2) |I - I_bar|     (uncertainty, with the I_bar just updated)
-#     score = I_bar * U_bar
 #
-# and a component's score is S_i = mean_j score(A_ij) + mean_j score(B_ji) (+ score(lambda_i) in the svd
-# form): importance_score(). A layer's importance, for plots, is sum_i S_i.
+# A switched-off component has gradient exactly 0, so its sensitivity is unobservable: we freeze its EMAs.
+# Updated with I = 0, its score would shrink geometrically and it could practically never return; frozen, it
+# returns as soon as an active component's score drops below it. (peft's AdaLoRA instead zeroes lambda_i at
+# each reallocation and lets it train again in between.)
 #
-# A switched-off component has gradient exactly 0, so its sensitivity is unobservable. We keep the mask in
-# place (exactly b(t) components act at all times) and freeze the EMAs of a switched-off component: updated
-# with I = 0 its score would shrink geometrically and it could practically never return; frozen, it returns
-# as soon as an active component's score drops below it. (peft's AdaLoRA instead zeroes lambda_i at each
-# reallocation and lets it train again in between.)
-#
-# Budget. The budget b(t) counts active components over ALL adapted layers. With b0 = r n, b_T = target_r n
-# (n adapted layers) and T optimizer steps:
-#
-#     t <= t_init:                 b0, no masking (warm-up: scores form, nothing is switched off)
-#     t_init < t <= T - t_final:   b_T + (b0 - b_T) (1 - (t - t_init) / (T - t_final - t_init))^3, rounded
-#                                  down (exact integer arithmetic); reallocate when (t - t_init) is a
-#                                  multiple of delta_t, and at t = T - t_final, where the budget reaches b_T
-#     t > T - t_final:             b_T, masks frozen (the final components fine-tune undisturbed)
-#
-# A reallocation keeps the b(t) components with the highest scores over all layers -- ties going to the
-# earlier layer and component -- so rank moves to the layers whose components matter most. The cubic (Zhu &
-# Gupta's gradual pruning, adopted by AdaLoRA) removes most components early, while the survivors still have
-# many steps to adapt.
+# Budget. b(t) counts the active components over ALL adapted layers; it falls from r to target_r per layer
+# on a cubic schedule (budget_schedule). A reallocation keeps the b(t) components with the highest scores over
+# all layers -- ties going to the earlier layer and component -- so rank moves to the layers that need it.
 
 def check_schedule(total_steps: int, t_init: int, t_final: int, delta_t: int,
                    initial_budget: int, target_budget: int):
@@ -766,8 +700,17 @@ def check_schedule(total_steps: int, t_init: int, t_final: int, delta_t: int,
 
 def budget_schedule(step: int, total_steps: int, initial_budget: int, target_budget: int,
                     t_init: int, t_final: int, delta_t: int) -> tuple[int, bool]:
-    """(b(t), whether to reallocate at step t) for the cubic schedule above; t counts optimizer steps from 1.
-    The cubic term is exact integer arithmetic: (b0 - b_T) (D - k)^3 // D^3, D = T - t_final - t_init, k = t - t_init.
+    """(b(t), whether to reallocate at step t); t counts optimizer steps from 1. With b0 = initial_budget
+    (r n for n adapted layers), b_T = target_budget (target_r n) and T = total_steps:
+
+        t <= t_init:                 b0, no masking (warm-up: scores form, nothing is switched off)
+        t_init < t <= T - t_final:   b_T + (b0 - b_T) (1 - (t - t_init) / (T - t_final - t_init))^3, rounded down;
+                                     reallocate when (t - t_init) is a multiple of delta_t, and at t = T - t_final
+        t > T - t_final:             b_T, masks frozen (the final components fine-tune undisturbed)
+
+    The cubic (Zhu & Gupta's gradual pruning, adopted by AdaLoRA) removes most components early, while the
+    survivors still have many steps to adapt. It is exact integer arithmetic: (b0 - b_T) (D - k)^3 // D^3,
+    D = T - t_final - t_init, k = t - t_init.
     """
     check_schedule(total_steps, t_init, t_final, delta_t, initial_budget, target_budget)
     end = total_steps - t_final
@@ -798,13 +741,10 @@ def importance_score(ipt: dict[str, torch.Tensor], unc: dict[str, torch.Tensor])
 
 
 class RankAllocator:
-    """Importance scores and the rank budget for the masked layers of a model (chapter 3). Construct it after
-    moving the model to its device; call it once per optimizer step t = 1, 2, ..., total_steps:
-
-        loss.backward(); optimizer.step(); allocator.step(t); optimizer.zero_grad()
-
-    step(t) reads the gradients, so it must come before zero_grad; it raises on the mistakes it can see (no
-    gradients, t not increasing, merged adapters).
+    """Importance scores and the rank budget for the masked layers of a model. Construct it after moving the
+    model to its device; call step(t) once per optimizer step t = 1, 2, ..., total_steps, after
+    optimizer.step() and before zero_grad (it reads the gradients). It raises on the mistakes it can see (no
+    gradients, t not increasing, merged adapters). Its checkpoint state: runs.allocator_state.
     """
 
     def __init__(self, model: nn.Module, config: AdapterConfig, total_steps: int):
@@ -825,8 +765,7 @@ class RankAllocator:
         self.ipt = {name: {k: torch.zeros_like(p) for k, p in self._params(m).items()} for name, m in self.layers}
         self.unc = {name: {k: torch.zeros_like(p) for k, p in self._params(m).items()} for name, m in self.layers}
         self.last_step = 0
-        # One dict per reallocation: step, budget, ranks {layer: int}, importance {layer: float}.
-        self.history = []
+        self.history = []     # one dict per reallocation: step, budget, ranks {layer: int}, importance {layer: float}
 
     @staticmethod
     def _params(m: LoRALinear) -> dict[str, nn.Parameter]:
@@ -908,29 +847,6 @@ class RankAllocator:
         """layer -> sum of its components' scores (including switched-off ones, whose scores are frozen)."""
         scores = scores if scores is not None else self.component_scores()
         return {name: float(scores[name].sum()) for name, _ in self.layers}
-
-    def state_dict(self) -> dict:
-        """Everything needed to resume: the EMAs, the last step and the history (the masks live in the model)."""
-        return {"last_step": self.last_step, "total_steps": self.total_steps,
-                "layers": [name for name, _ in self.layers],
-                "ipt": {n: {k: v.clone() for k, v in d.items()} for n, d in self.ipt.items()},
-                "unc": {n: {k: v.clone() for k, v in d.items()} for n, d in self.unc.items()},
-                "history": copy.deepcopy(self.history)}
-
-    def load_state_dict(self, state: dict):
-        names = [name for name, _ in self.layers]
-        if state["layers"] != names:
-            raise ValueError(f"RankAllocator.load_state_dict: the state is for layers {state['layers'][:3]}..., "
-                             f"this model has {names[:3]}...")
-        if state["total_steps"] != self.total_steps:
-            raise ValueError(f"RankAllocator.load_state_dict: the state was made for {state['total_steps']} total "
-                             f"steps, this allocator for {self.total_steps}")
-        for which in ("ipt", "unc"):
-            for n in names:
-                for k, v in state[which][n].items():
-                    getattr(self, which)[n][k].copy_(v)
-        self.last_step = state["last_step"]
-        self.history = copy.deepcopy(state["history"])
 
 
 def active_parameter_count(model: nn.Module) -> int:

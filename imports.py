@@ -305,7 +305,8 @@ def _renumber_post_processor(proc, ids: dict, new_id: dict, eot: str):
     if proc.get("type") == "Sequence":
         return {**proc, "processors": [_renumber_post_processor(p, ids, new_id, eot) for p in proc["processors"]]}
     if proc.get("type") == "TemplateProcessing":
-        rename = lambda t: data.EOS if t == eot else t
+        def rename(t):
+            return data.EOS if t == eot else t
         for template in ("single", "pair"):
             for piece in proc.get(template) or []:
                 if "SpecialToken" in piece:
@@ -495,7 +496,8 @@ def gguf_value(reader, key: str, where: str, default=_REQUIRED):
 
 def gguf_config(reader, where: str, vocab: int, tied: bool) -> GPTConfig:
     """model.py's GPTConfig from a llama GGUF's metadata, with what model.py cannot compute named."""
-    get = lambda key, default=_REQUIRED: gguf_value(reader, f"llama.{key}", where, default)
+    def get(key, default=_REQUIRED):
+        return gguf_value(reader, f"llama.{key}", where, default)
     scaling, factor = get("rope.scaling.type", "none"), get("rope.scaling.factor", 1.0)
     if scaling not in ("none", "") or factor not in (0.0, 1.0):
         raise CheckpointError(f"{where}: llama.rope.scaling.type = {scaling!r} (factor {factor}): rope scaling, which "
@@ -524,7 +526,8 @@ def gguf_config(reader, where: str, vocab: int, tied: bool) -> GPTConfig:
 def gguf_tokenizer(reader, where: str) -> tuple[dict, str]:
     """(tokenizer.json dict, end-of-text token) rebuilt from the GGUF's tokenizer.ggml.* metadata: the
     vocabulary in id order, the merges by rank, the control tokens as added special tokens."""
-    get = lambda key, default=_REQUIRED: gguf_value(reader, f"tokenizer.ggml.{key}", where, default)
+    def get(key, default=_REQUIRED):
+        return gguf_value(reader, f"tokenizer.ggml.{key}", where, default)
     if "tokenizer.ggml.tokens" not in reader.fields:
         raise CheckpointError(f"{where}: the file holds no tokenizer (no tokenizer.ggml.tokens); this importer "
                               f"needs the vocabulary to map the embedding rows")
@@ -695,7 +698,8 @@ def hf_tokenizer(folder: Path) -> dict:
 def _tokens(spec: dict) -> dict[str, int]:
     """token -> id of a tokenizer.json dict: the model's vocabulary and the added tokens."""
     vocab = (spec.get("model") or {}).get("vocab")
-    return {**(vocab if isinstance(vocab, dict) else {}), **{t["content"]: t["id"] for t in spec.get("added_tokens") or []}}
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+    return {**(vocab if isinstance(vocab, dict) else {}), **added}
 
 
 def check_gpt2_config(cfg: dict, path: Path):

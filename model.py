@@ -405,9 +405,10 @@ class GPTClassifier(nn.Module):
 
     Pooling. A causal model's last position is the only one that has seen the whole input, so GPT
     (Radford et al. 2018) classifies from the hidden state of the final token -- here an explicit <cls>
-    token that data.py appends (by default; readout.py has the other choices). Batches are right-padded: pads come *after* the real tokens, and since
-    attention is causal, no real position ever attends to a pad. The pooled position is therefore
-    (number of non-pad tokens) - 1 in each row, and padding changes nothing about the result.
+    token that data.py appends (by default; readout.py has the other choices). Batches are right-padded: pads
+    come *after* the real tokens, and since attention is causal, no real position ever attends to a pad. The
+    pooled position is therefore (number of non-pad tokens) - 1 in each row, and padding changes nothing about
+    the result.
 
     Outputs. num_outputs = k class logits trained with cross-entropy, or num_outputs = 1 for regression
     (STS-B similarity scores) trained with mean squared error.

@@ -53,7 +53,7 @@ import runs
 import runtime
 import train
 from model import GPT, preset
-from train import bounds, check_config
+from runs import bounds, check_config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,35 +67,46 @@ RESULTS_FILE = "planted.jsonl"
 @dataclass
 class PlantedConfig:
     scenarios: str = "heterogeneous,input,homogeneous"  # comma-separated scenarios to run
-    methods: str = field(default_factory=lambda: ",".join(dynlora.METHODS))  # comma-separated methods (default: every dynlora.METHODS entry; lora first: the others are paired to it)
-    seeds: int = field(default=5, metadata=bounds(1))   # seeds 0..N-1; a seed fixes the teacher, the data windows and the students' init
-    backbone: str = "auto"                              # backbone folder; 'auto' = runs/backbone if present, else '' = the preset at random init
+    methods: str = field(default_factory=lambda: ",".join(dynlora.METHODS))  # comma-separated methods (default: every
+                                                                             # dynlora.METHODS entry; lora first: the
+                                                                             # others are paired to it)
+    seeds: int = field(default=5, metadata=bounds(1))   # seeds 0..N-1; a seed fixes the teacher, the data windows and
+                                                        # the students' init
+    backbone: str = "auto"                              # backbone folder; 'auto' = runs/backbone if present, else
+                                                        # '' = the preset at random init
     preset: str = "cpu"                                 # model shape when the backbone is random (see model.PRESETS)
     n_layer: int = field(default=0, metadata=bounds(0))  # random backbone: transformer blocks (0 = the preset's)
     n_embd: int = field(default=0, metadata=bounds(0))   # random backbone: width (0 = the preset's)
     n_head: int = field(default=0, metadata=bounds(0))   # random backbone: attention heads (0 = the preset's)
-    vocab_size: int = field(default=8192, metadata=bounds(0, low_open=True))  # random backbone: BPE vocabulary trained on the text
+    vocab_size: int = field(default=8192, metadata=bounds(0, low_open=True))  # random backbone: BPE vocabulary
+                                                                              # trained on the text
     data_dir: str | None = None                         # GLUE folder (default: $GLUE_DIR, else ./data/glue)
     tasks: str = "SST-2,CoLA,MRPC,STS-B,RTE"            # GLUE tasks whose train text distils and whose dev text scores
     max_len: int = field(default=32, metadata=bounds(2))          # tokens per window of text
     train_windows: int = field(default=1536, metadata=bounds(1))  # windows of train text the students learn from
     heldout_windows: int = field(default=256, metadata=bounds(1))  # windows of dev text the students are scored on
-    targets: str = "q_proj,v_proj"                      # adapted (and planted) projections of every block (the GLUE grid's)
-    rank: int = field(default=4, metadata=bounds(1))   # k: the final budget, rank components per adapted layer (lora and gate: r = k)
-    alloc_rank: int = field(default=6, metadata=bounds(1))  # initial rank r of the allocating methods (alloc, dynlora, adalora), pruned to k
-    heterogeneous_ranks: str = "6,0,6,0,2,6,0,6"        # planted rank per adapted layer in scenario heterogeneous (module order)
-    effect: float = field(default=0.1, metadata=bounds(0, low_open=True))  # RMS change of the final hidden state by one planted component, relative to its RMS
+    targets: str = "q_proj,v_proj"                      # adapted (and planted) projections per block (the GLUE grid's)
+    rank: int = field(default=4, metadata=bounds(1))    # k: the final budget, rank components per adapted layer
+                                                        # (lora and gate: r = k)
+    alloc_rank: int = field(default=6, metadata=bounds(1))  # initial rank r of the allocating methods
+                                                            # (alloc, dynlora, adalora), pruned to k
+    heterogeneous_ranks: str = "6,0,6,0,2,6,0,6"        # heterogeneous: planted rank per adapted layer (module order)
+    effect: float = field(default=0.1, metadata=bounds(0, low_open=True))  # RMS change of the final hidden state by
+                                                                           # one planted component, relative to its RMS
     steps: int = field(default=300, metadata=bounds(1))  # optimizer steps per student
     batch_size: int = field(default=16, metadata=bounds(1))  # windows per step
-    lr: float = field(default=1e-2, metadata=bounds(0, low_open=True))  # peak learning rate (AdamW, no weight decay, cosine decay to a tenth)
+    lr: float = field(default=1e-2, metadata=bounds(0, low_open=True))  # peak learning rate (AdamW, no weight decay,
+                                                                        # cosine decay to a tenth)
     t_init: int = field(default=50, metadata=bounds(0))    # allocation: warm-up steps with all components active
     t_final: int = field(default=100, metadata=bounds(0))  # allocation: last steps at the final budget, masks frozen
     delta_t: int = field(default=10, metadata=bounds(1))   # allocation: steps between reallocations
-    adapter: str = ""                                   # extra AdapterConfig settings for every student, e.g. 'gate_penalty=0.02,gate_init=2'
+    adapter: str = ""                                   # extra AdapterConfig settings for every student,
+                                                        # e.g. 'gate_penalty=0.02,gate_init=2'
     out_dir: str = "runs/planted"                       # folder for the tokenizer cache, the plots and the summary
-    results_dir: str = "results"                        # folder whose planted.jsonl gets one line per (scenario, method, seed)
+    results_dir: str = "results"                        # folder of planted.jsonl: one line per (scenario, method, seed)
     threads: int = field(default=1, metadata=bounds(0))  # CPU threads (0 = PyTorch's default)
-    precision: str = "fp32"                             # the students' training forward passes: fp32 | bf16 (autocast) | auto (runtime.select_precision); scoring stays fp32
+    precision: str = "fp32"                             # the students' training forward passes: fp32 | bf16
+                                                        # (autocast) | auto (runtime.select_precision); scoring fp32
 
     def __post_init__(self):
         check_config(self)                               # the bounds in each field's metadata, and finiteness
@@ -139,7 +150,8 @@ class PlantedConfig:
                 raise ValueError(f"--adapter: {item!r} is not key=value with a key of AdapterConfig "
                                  f"({sorted(kinds)})")
             if key in ("r", "target_r", "targets", "modules_to_save", *dynlora.SWITCHES):
-                raise ValueError(f"--adapter: {key} is set by the benchmark (--rank, --alloc-rank, --targets, --methods)")
+                raise ValueError(f"--adapter: {key} is set by the benchmark "
+                                 f"(--rank, --alloc-rank, --targets, --methods)")
             kind = kinds[key]
             out[key] = (value.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(value)
         return out
@@ -327,7 +339,8 @@ def _cached_tokenizer(texts: list[str], vocab_size: int, out_dir: Path, key: dic
 def backbone_folder(cfg: PlantedConfig) -> str:
     """The pretrained backbone folder --backbone resolves to, or '' for the preset at random init."""
     if cfg.backbone == "auto":
-        return str(runs.REPO / "runs" / "backbone") if (runs.REPO / "runs" / "backbone" / runs.BACKBONE_FILE).is_file() else ""
+        folder = runs.REPO / "runs" / "backbone"
+        return str(folder) if (folder / runs.BACKBONE_FILE).is_file() else ""
     return cfg.backbone
 
 

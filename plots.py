@@ -177,7 +177,8 @@ def planted_scenario(rows: list, scenario: str, path) -> Path:
             frozen_label = None
     ax1.set_xticks(range(len(methods)), methods)
     ax1.set_xlim(-0.6, len(methods) - 0.2)
-    ax1.set(title=f"{scenario}: held-out distillation error", ylabel="||h_s - h_t||² / ||h_t - h_base||²  (1 = nothing)")
+    ax1.set(title=f"{scenario}: held-out distillation error",
+            ylabel="||h_s - h_t||² / ||h_t - h_base||²  (1 = nothing)")
     ax1.set_ylim(bottom=0)
     ax1.grid(alpha=0.3)
     if frozen_label is None:
@@ -189,7 +190,8 @@ def planted_scenario(rows: list, scenario: str, path) -> Path:
     for i, m in enumerate(methods):
         ranks = np.array([r["final_ranks"] for r in rows if r["method"] == m], dtype=float)
         ax2.plot(x, ranks.mean(0), "o-", color=f"C{i}", label=m, alpha=0.8)
-    labels = [name.replace("blocks.", "").replace(".attn", "").replace(".mlp", "") for name in rows[0].get("layers", [])]
+    labels = [name.replace("blocks.", "").replace(".attn", "").replace(".mlp", "")
+              for name in rows[0].get("layers", [])]
     ax2.set_xticks(x, labels or [str(v) for v in x], rotation=45, fontsize=7)
     ax2.set(title="final rank per adapted layer (mean over seeds)", ylabel="active rank components")
     top = max([max(planted)] + [max(r["final_ranks"]) for r in rows])
@@ -275,7 +277,8 @@ def adapter_diagram(gate: bool = True, allocation: bool = True, path=None):
     arrow((7.8, 1.9), (8.15, 1.9), "")
     arrow((8.95, 1.9), (9.2, 3.65), "")
     if gate:
-        box(5.0, 0.45, "gate  $g = \\sigma(W_g [z;\\, Px] + c)$\n(per token, chapter 2)", dynamic, w=3.4, h=0.75, size=9)
+        box(5.0, 0.45, "gate  $g = \\sigma(W_g [z;\\, Px] + c)$\n(per token, chapter 2)", dynamic,
+            w=3.4, h=0.75, size=9)
         arrow((5.0, 0.85), (5.0, 1.5), "")
         arrow((3.75, 1.9), (3.75, 0.85), "")                                  # z into the gate
         ax.text(3.55, 1.15, "$z$", fontsize=10)

@@ -13,13 +13,14 @@ What this file holds, in order:
   3. render_report -- split_suites (the suites, the pretrained backbone's first) and suite_columns (a suite's
                       tasks, methods, majority scores and uninformative tasks); paired_summary (the paired
                       intervals and the resolvable difference of a suite, the numbers of its paired table and
-                      of notebook 7's figures); per suite: the score table (methods x tasks, mean +- std over seeds, a majority-class
-                      row, † on tasks no method beats it on, parameter counts, wall time over the tasks every
-                      method has), the paired differences to LoRA with 95% intervals and the resolvable
-                      difference, the gated methods' merged-model cost, effective rank and dependence on
-                      the input (results/gates.jsonl), where the allocating methods put their final budget;
-                      after the pretrained backbone's suites, the comparisons across them (CROSS_SUITE:
-                      a variant or control suite against another suite's runs of the same task and seed).
+                      of notebook 7's figures); per suite: the score table (methods x tasks, mean +- std over
+                      seeds, a majority-class row, † on tasks no method beats it on, parameter counts, wall
+                      time over the tasks every method has), the paired differences to LoRA with 95% intervals
+                      and the resolvable difference, the gated methods' merged-model cost, effective rank and
+                      dependence on the input (results/gates.jsonl), where the allocating methods put their
+                      final budget; after the pretrained backbone's suites, the comparisons across them
+                      (CROSS_SUITE: a variant or control suite against another suite's runs of the same task
+                      and seed).
   4. render_bench  -- the benchmark's figures and targets (results/bench.json, written by bench.py), each
                       target marked ✓ or ✗ missed (target_met).
   5. render_import -- the check of an imported backbone (results/import.json).
@@ -359,7 +360,8 @@ def gates_table(gates: list, tasks, labels) -> list:
     lines = ["Gated methods: how much the gates depend on the input (`python cli.py gates`; "
              f"{_count_range(examples)} dev examples per run). Per cell: token share of the gate variance, "
              "var across tokens / (var across tokens + var of the layer means across layers) -- near 0 for a "
-             "static per-layer switch -- with the gates' standard deviation across tokens (sd, gate units); effective rank per token, mean ± sd across tokens, over the layers that keep "
+             "static per-layer switch -- with the gates' standard deviation across tokens (sd, gate units); "
+             "effective rank per token, mean ± sd across tokens, over the layers that keep "
              "components (so above the target for dynlora, whose emptied layers are left out); mutual information "
              "between the open-gate pattern and the label (bit). Mean over seeds (n).\n",
              "| method | " + " | ".join(labels[t] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
@@ -371,11 +373,12 @@ def gates_table(gates: list, tasks, labels) -> list:
                 cells.append("—")
                 continue
             share = np.mean([g["token_share"] for g in mine if g["token_share"] is not None])
-            rank, sd = np.mean([g["mean_effective_rank"] for g in mine]), np.mean([g["effective_rank_sd_tokens"] for g in mine])
+            rank = np.mean([g["mean_effective_rank"] for g in mine])
+            sd = np.mean([g["effective_rank_sd_tokens"] for g in mine])
             mi = [g["gate_mi_label_bits"] for g in mine if g.get("gate_mi_label_bits") is not None]
             token_sd = np.mean([math.sqrt(g["gate_var_tokens"]) for g in mine])
-            cells.append(f"{share:.2f} (sd {token_sd:.3f}); {rank:.1f} ± {sd:.1f}" + (f"; {np.mean(mi):.3f} bit" if mi else "")
-                         + f" (n={len(mine)})")
+            cells.append(f"{share:.2f} (sd {token_sd:.3f}); {rank:.1f} ± {sd:.1f}"
+                         + (f"; {np.mean(mi):.3f} bit" if mi else "") + f" (n={len(mine)})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 
@@ -465,9 +468,10 @@ def render_suite(suite: str, rows: list, data_dir, gates: list = (), zero_shot: 
     labels = {t: t + ("†" if t in weak else "") for t in tasks}
     lines = [f"**Suite `{suite or 'default'}`** — GLUE dev score x 100 of the model at the end of training "
              f"(mean ± std over seeds, n = seeds), trainable parameters, wall time per run.\n"]
-    for table in (score_table(rows, tasks, methods, majority, labels, zero_shot), paired_table(rows, tasks, methods, labels),
-                  merged_cost_table(rows, tasks, methods, labels), rank_table(rows, tasks, methods, labels),
-                  gates_table(list(gates), tasks, labels), allocation_table(rows, tasks, methods, labels)):
+    for table in (score_table(rows, tasks, methods, majority, labels, zero_shot),
+                  paired_table(rows, tasks, methods, labels), merged_cost_table(rows, tasks, methods, labels),
+                  rank_table(rows, tasks, methods, labels), gates_table(list(gates), tasks, labels),
+                  allocation_table(rows, tasks, methods, labels)):
         if table:
             lines += table + [""]
     machines, commits = sorted({r["machine"] for r in rows}), sorted({r["commit"] for r in rows})

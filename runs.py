@@ -1,9 +1,11 @@
 """
-runs.py -- what a run leaves on disk, and how it is read back.
+runs.py -- what a run leaves on disk, and how it is read back; its settings checked, its setup and its end.
 
 A run of train.py writes a folder (runs/<task>-<method>-s<seed>/, or the --out-dir of pretraining) and one
 line in a results file. Everything that writes or reads those files lives here, so that every writer in the
-project is atomic in the same way and every model file is read with the same checks.
+project is atomic in the same way and every model file is read with the same checks; so does the plumbing
+of a run's start and end (the range check of its settings, its data and folders, its result record), which
+train.py calls around the training.
 
 What this file holds, in order:
   1. File names, atomic writes    -- atomic_write (the one helper: a temporary file in the same folder, then
@@ -14,13 +16,14 @@ What this file holds, in order:
   3. Checkpoints                  -- the RNG state of a process, save_checkpoint / read_checkpoint,
                                      check_resume (does this invocation repeat the checkpoint's run?),
                                      restore_training (optimizer, scaler, random streams, the run's state);
+                                     allocator_state / load_allocator_state (the RankAllocator's EMAs);
                                      what pretraining's and fine-tuning's checkpoints hold (save_*_checkpoint)
                                      and a run's starting state, fresh or resumed (resume_pretrain/_finetune).
   4. The run log                  -- RunLog: metrics.jsonl and the state a checkpoint carries, shared by
                                      pretraining and fine-tuning.
   5. Backbones and models         -- save_backbone / load_backbone (what pretrain and the importers write),
-                                     build_classifier; adapter files (ADAPTER_FORMAT, adapter_state_dict,
-                                     backbone_fingerprint, save_adapter / load_adapter);
+                                     build_classifier; adapter files (ADAPTER_FORMAT, adapter_config_from_dict,
+                                     adapter_state_dict, backbone_fingerprint, save_adapter / load_adapter);
                                      save_finetuned / load_finetuned / restore_best.
   5b. A run's inputs and its     -- read_corpus_files, pretrain_tokens, finetune_backbone; RunData, build_run_data
       deployed form                  (the one place a run's data is built), saved_run_data; the figures
@@ -30,10 +33,17 @@ What this file holds, in order:
                                      load_results (finetune.jsonl).
   7. Comparing runs               -- the one t interval: t_quantile_95, paired_ci (mean and 95% t interval
                                      of paired differences), for the report and the known-answer benchmark.
+  8. Settings                     -- bounds (a field's range), check_config (the one range check of every
+                                     config), flag / FLAG_NAMES / flag_name (the --flag of a setting),
+                                     RESUME_MAY_CHANGE, adapter_config_of (a method's defaults and the flags).
+  9. A run's setup and end        -- check_pretrain / check_finetune (every setting and output folder, before
+                                     any work), finetune_inputs, start_finetune, save_best, diverged_message,
+                                     finish_pretrain (the backbone folder), finish_finetune (the result record).
 
 Nothing here trains: train.py decides what to write and when; this file decides how.
 """
 
+import copy
 import hashlib
 import itertools
 import json
@@ -41,12 +51,13 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import time
 import uuid
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -252,7 +263,8 @@ def read_checkpoint(out: Path, kind: str) -> dict:
         raise ValueError(f"{path} is not a dynlora training checkpoint of this version (format "
                          f"{CHECKPOINT_FORMAT!r}); start the run again without --resume")
     if ckpt["kind"] != kind:
-        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint; resume it with `python cli.py {ckpt['kind']} --resume`")
+        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint; "
+                         f"resume it with `python cli.py {ckpt['kind']} --resume`")
     return ckpt
 
 
@@ -303,9 +315,35 @@ def restore_training(ckpt: dict, optimizer, scaler, rt) -> dict:
     return {**ckpt["state"], "resumed": ckpt["state"]["resumed"] + 1}
 
 
+def allocator_state(allocator: dynlora.RankAllocator) -> dict:
+    """Everything a RankAllocator needs to resume: its EMAs, last step and history (the masks are model
+    buffers, saved with the weights)."""
+    return {"last_step": allocator.last_step, "total_steps": allocator.total_steps,
+            "layers": [name for name, _ in allocator.layers],
+            "ipt": {n: {k: v.clone() for k, v in d.items()} for n, d in allocator.ipt.items()},
+            "unc": {n: {k: v.clone() for k, v in d.items()} for n, d in allocator.unc.items()},
+            "history": copy.deepcopy(allocator.history)}
+
+
+def load_allocator_state(allocator: dynlora.RankAllocator, state: dict):
+    """Load allocator_state's dict into an allocator of the same layers and total steps."""
+    names = [name for name, _ in allocator.layers]
+    if state["layers"] != names:
+        raise ValueError(f"load_allocator_state: the state is for layers {state['layers'][:3]}..., "
+                         f"this model has {names[:3]}...")
+    if state["total_steps"] != allocator.total_steps:
+        raise ValueError(f"load_allocator_state: the state was made for {state['total_steps']} total "
+                         f"steps, this allocator for {allocator.total_steps}")
+    for which in ("ipt", "unc"):
+        for n in names:
+            for k, v in state[which][n].items():
+                getattr(allocator, which)[n][k].copy_(v)
+    allocator.last_step = state["last_step"]
+    allocator.history = copy.deepcopy(state["history"])
+
+
 # What pretraining's and fine-tuning's checkpoints hold, and how a run starts: fresh, or from its checkpoint.
-# `run` is train.py's PretrainRun / FinetuneRun; may_change and flag_name are train.RESUME_MAY_CHANGE and
-# train.flag_name (check_resume's).
+# `run` is train.py's PretrainRun / FinetuneRun.
 
 def save_pretrain_checkpoint(run, t_start: float):
     run.log.state["wall_s"] = time.time() - t_start
@@ -322,18 +360,18 @@ def save_finetune_checkpoint(run, t_start: float):
         "kind": "finetune", "config": run.run_config, "source": run.source,
         "model": training_weights(run.model, run.cfg.method), "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(), "state": run.log.state,
-        "allocator": run.allocator.state_dict() if run.allocator is not None else None})
+        "allocator": allocator_state(run.allocator) if run.allocator is not None else None})
     run.saved_step = run.log.state["step"]
 
 
-def resume_pretrain(run, ckpt: dict | None, may_change: set, flag_name) -> dict:
+def resume_pretrain(run, ckpt: dict | None) -> dict:
     """A pretraining run's starting state: fresh, or the checkpoint's, loaded into the run."""
     if ckpt is None:
         return {"step": 0, "log": [], "wall_s": 0.0, "tokens": 0, "run_id": uuid.uuid4().hex, "resumed": 0}
     saved = run.out / BACKBONE_FILE
     finished = ckpt["state"]["step"] == run.cfg.max_steps and saved.is_file() and \
         read_torch_file(saved, "delete it and --resume to write it again").get("run_id") == ckpt["state"]["run_id"]
-    check_resume(ckpt, run.run_config, run.source, run.out, may_change, flag_name, finished)
+    check_resume(ckpt, run.run_config, run.source, run.out, RESUME_MAY_CHANGE, flag_name, finished)
     run.model.load_state_dict(ckpt["model"])
     state = restore_training(ckpt, run.optimizer, run.scaler, run.rt)
     run.saved_step = state["step"]
@@ -341,7 +379,7 @@ def resume_pretrain(run, ckpt: dict | None, may_change: set, flag_name) -> dict:
     return state
 
 
-def resume_finetune(run, ckpt: dict | None, may_change: set, flag_name) -> dict:
+def resume_finetune(run, ckpt: dict | None) -> dict:
     """A fine-tuning run's starting state: fresh (and config.json written), or the checkpoint's, loaded into
     the run. `epoch` is the epoch in progress (0-based) and `batch` the number of its batches consumed.
     """
@@ -363,10 +401,10 @@ def resume_finetune(run, ckpt: dict | None, may_change: set, flag_name) -> dict:
     saved = {**ckpt, "config": {**ckpt["config"], "finetune": {"readout": "cls", "val_fraction": 0.0, "from_tune": "",
                                                                **ckpt["config"]["finetune"],
                                                                "lr": None}}}
-    check_resume(saved, settings, run.source, out, may_change, flag_name, finished)
+    check_resume(saved, settings, run.source, out, RESUME_MAY_CHANGE, flag_name, finished)
     load_training_weights(run.model, ckpt["model"], run.cfg.method, out / CHECKPOINT_FILE)
     if run.allocator is not None:
-        run.allocator.load_state_dict(ckpt["allocator"])
+        load_allocator_state(run.allocator, ckpt["allocator"])
     state = restore_training(ckpt, run.optimizer, run.scaler, rt)
     rt.print(f"finetune: resuming {out} at step {state['step']} of {run.total_steps} (epoch {state['epoch'] + 1}, "
              f"batch {state['batch']})")
@@ -480,6 +518,17 @@ def load_training_weights(model: GPTClassifier, weights: dict, method: str, path
 ADAPTER_FORMAT = "dynlora-adapter/2"   # written into every adapter file, checked on load
 
 
+def adapter_config_from_dict(d: dict) -> dynlora.AdapterConfig:
+    """The AdapterConfig saved in an adapter file, naming any key this version does not know. A dict saved
+    before gate_x_dims existed reads as 0, the z-only gate it was trained with; one saved before `gate`, as
+    "rank" (the field's default)."""
+    known = {f.name for f in fields(dynlora.AdapterConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"AdapterConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+    return dynlora.AdapterConfig(**{"gate_x_dims": 0, **d})
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What an adapter file stores: every tensor fine-tuning owns or changed.
 
@@ -586,7 +635,7 @@ def load_adapter(path, model: nn.Module, payload: dict | None = None
         raise ValueError(f"{path}: not a dynlora adapter file (expected format {ADAPTER_FORMAT!r})")
     if dynlora.adapter_layers(model):
         raise ValueError(f"{path}: load_adapter expects the plain backbone, but this model already has adapters")
-    config = dynlora.AdapterConfig.from_dict(payload["config"])
+    config = adapter_config_from_dict(payload["config"])
     difference = _fingerprint_difference(payload["backbone"], backbone_fingerprint(model, config))
     if difference:
         raise ValueError(f"adapter file {path} does not fit this model: {difference}")
@@ -613,7 +662,7 @@ def save_finetuned(out: Path, model: GPTClassifier, method: str, adapter_cfg, me
     if method == dynlora.FULL:
         atomic_torch_save({"config": model.config.to_dict(), "model": model.state_dict(), **meta}, out / "model.pt")
     else:
-        extra = {**meta, "allocator": allocator.state_dict() if allocator is not None else None}
+        extra = {**meta, "allocator": allocator_state(allocator) if allocator is not None else None}
         save_adapter(out / "adapter.pt", model, adapter_cfg, extra=extra)
 
 
@@ -770,7 +819,7 @@ class RunData:
     """A fine-tuning run's data, tokenized and batched."""
     train_examples: int                     # training examples used (after --max-train)
     train: data.BucketBatcher               # the training batches, shuffled by the run's seed
-    dev: dict                               # dev split name -> BucketBatcher, sorted by length ("validation" with --val-fraction)
+    dev: dict                               # split name -> BucketBatcher, sorted by length ("validation" if held out)
     held_out: int = 0                       # training examples held out as the validation set (--val-fraction)
 
 
@@ -1007,3 +1056,229 @@ def paired_ci(diffs) -> tuple[float, float | None, int]:
         return (float(diffs.mean()) if n else math.nan), None, n
     half = t_quantile_95(n - 1) * diffs.std(ddof=1) / math.sqrt(n)
     return float(diffs.mean()), float(half), n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Settings: the one range check, and the --flag of every setting
+#
+# A config is a dataclass whose number fields declare their allowed range in metadata (bounds()). cli.py
+# makes a --flag of every field; check_config checks every number against its field's range, and that it is
+# finite, naming the flag: the one range check of every config (train's, the adapter's, tune's, planted's).
+# ---------------------------------------------------------------------------------------------------------
+
+def bounds(low=None, high=None, low_open=False, high_open=False) -> dict:
+    """Field metadata: the allowed range of a number (None = unbounded; *_open = the bound itself excluded)."""
+    return {"bounds": (low, high, low_open, high_open)}
+
+
+# Flag names of dynlora.AdapterConfig's fields: the five LoRA fields whose bare names would be ambiguous next
+# to the fine-tuning flags get a "lora-" prefix (--lora-r, --lora-alpha, --lora-dropout, --lora-targets,
+# --lora-bias); every other field keeps its name (--target-r, --gate-penalty, ...).
+FLAG_NAMES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_targets",
+              "bias": "lora_bias"}
+
+# train.FinetuneConfig / PretrainConfig fields that may differ when a run is resumed: where things are, where
+# the result goes, how many threads. Every other field shapes the training and must match the checkpoint's.
+RESUME_MAY_CHANGE = {"data_dir", "out_dir", "threads", "suite", "results_dir", "from_tune"}
+
+
+def flag(name: str, rename: dict | None = None) -> str:
+    """The --flag of a config field."""
+    return "--" + (rename or {}).get(name, name).replace("_", "-")
+
+
+def check_config(cfg, rename: dict | None = None):
+    """Raise ValueError, naming the --flag, for a number that is not finite or outside its field's bounds."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise ValueError(f"{flag(f.name, rename)} must be a finite number, got {value}")
+        low, high, low_open, high_open = f.metadata.get("bounds", (None, None, False, False))
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {number(low)}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {number(high)}"
+            raise ValueError(f"{flag(f.name, rename)} must be {' and '.join(x for x in (lo, hi) if x)}, "
+                             f"got {number(value)}")
+
+
+def number(x) -> str:
+    """A bound or a value as the user would type it: an int whole (a seed of 4294967295), a float short."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def flag_name(section: str, key: str) -> str:
+    """How the user sets a field of a saved run config: its --flag, or its place in the backbone."""
+    if section == "adapter":
+        return flag(key, FLAG_NAMES)
+    if section == "model":
+        return f"the backbone's {key}"
+    return flag(key or section)
+
+
+def adapter_config_of(cfg, overrides: dict) -> dynlora.AdapterConfig | None:
+    """The adapter settings of a fine-tuning run (cfg: train.FinetuneConfig): the method's defaults with the
+    flags given (overrides); None for full fine-tuning."""
+    methods = list(dynlora.method_names())
+    if cfg.method not in methods:
+        raise ValueError(f"--method {cfg.method!r} is not known; choose one of {methods}")
+    if cfg.method == dynlora.FULL:
+        if overrides:
+            raise ValueError(f"adapter options ({', '.join(sorted(overrides))}) need an adapter --method, "
+                             f"not {dynlora.FULL!r}")
+        return None
+    try:
+        adapter_cfg = dynlora.config_for_method(cfg.method, **overrides)
+    except ValueError as err:            # AdapterConfig names its field; the user typed the field's flag
+        names = {f.name for f in fields(dynlora.AdapterConfig)}
+        raise ValueError(re.sub(r"^AdapterConfig: (\w+)", lambda m: flag(m.group(1), FLAG_NAMES)
+                                if m.group(1) in names else m.group(0), str(err))) from None
+    check_config(adapter_cfg, FLAG_NAMES)
+    return adapter_cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. A run's setup and end, besides the training (train.py's pretrain and finetune call these)
+#
+# Before the first step every setting and every place the run writes is checked, so that a typo fails in
+# seconds rather than after an epoch; then the data is found (rank 0 downloads what is missing), tokenized
+# and batched. After the last step: the backbone folder, or the result record -- appended to the results
+# file, then final.json, which marks the run finished. `run` is train.py's PretrainRun / FinetuneRun.
+# ---------------------------------------------------------------------------------------------------------
+
+def check_pretrain(cfg, shape: dict, system) -> Path:
+    """Check a pretraining run's settings (cfg: train.PretrainConfig; shape: the model-shape fields it sets;
+    system: train.SystemConfig) and its output folder; return the folder."""
+    check_config(cfg)
+    if cfg.warmup_steps >= cfg.max_steps:
+        raise ValueError(f"need --warmup-steps < --max-steps (got {cfg.warmup_steps}, {cfg.max_steps})")
+    preset(cfg.preset, block_size=cfg.block_size, dropout=cfg.dropout, **shape)   # fail fast on the shape
+    out = Path(cfg.out_dir)
+    check_output_folder(out, "--out-dir")
+    check_config(system)
+    return out
+
+
+def finish_pretrain(run, wall: float):
+    """Write the backbone folder (rank 0) and say what was trained."""
+    log = run.log.state["log"]
+    if run.rt.is_main:
+        save_backbone(run.out, run.config, run.model.state_dict(), run.run_config,
+                      pretrain=asdict(run.cfg), wall_s=wall, run_id=run.log.state["run_id"])
+        plot_pretrain(run.out, log)
+        held_out = [r["val_loss"] for r in log if "val_loss" in r]
+        print(f"pretrain: done in {wall / 60:.1f} min; final train loss {log[-1]['train_loss']:.3f}"
+              + (f", held-out loss {held_out[-1]:.3f}" if held_out else "") + f"; saved {run.out / BACKBONE_FILE}")
+    run.rt.barrier()
+
+
+def run_name(cfg) -> str:
+    """A fine-tuning run's default folder name: <task>-<method>-s<seed>."""
+    return f"{data.get_task(cfg.task).name}-{cfg.method}-s{cfg.seed}"
+
+
+def check_finetune(cfg, overrides: dict, system) -> tuple:
+    """(task, adapter config or None, run folder) of a fine-tuning run (cfg: train.FinetuneConfig; overrides:
+    the adapter settings given; system: train.SystemConfig), with every setting and output folder checked."""
+    check_config(cfg)
+    task = data.get_task(cfg.task)
+    readout_mod.check(cfg.readout, task)
+    adapter_cfg = readout_mod.adapter_config(adapter_config_of(cfg, overrides), cfg.readout)
+    out = Path(cfg.out_dir or REPO / "runs" / run_name(cfg))
+    check_output_folder(out, "--out-dir")
+    check_results_folder(results_folder(cfg.results_dir, cfg.suite))
+    check_config(system)
+    return task, adapter_cfg, out
+
+
+def finetune_inputs(cfg, task: data.TaskSpec, out: Path, rt, fresh: bool) -> tuple:
+    """(backbone config, backbone weights, tokenizer, RunData, source hash) of a fine-tuning run: the run
+    folder made, the task's files found, the backbone read, the splits tokenized (through the cache) and
+    batched."""
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = data.resolve_data_dir(cfg.data_dir)
+    with rt.main_first():                                                # rank 0 downloads what is missing
+        data.ensure_task(data_dir, task)
+    config, backbone_state, tok, tok_path, source = finetune_backbone(cfg, out, data_dir, task, rt, fresh)
+    if cfg.max_len > config.block_size:
+        raise ValueError(f"--max-len {cfg.max_len} exceeds the backbone's block_size {config.block_size}; "
+                         f"use --max-len {config.block_size} or less")
+    run_data = build_run_data(task, data_dir, tok, tok_path, cache_dir(cfg.backbone, out), cfg.max_len,
+                              cfg.batch_size, cfg.seed, cfg.max_train, rt, cfg.readout, cfg.val_fraction)
+    return config, backbone_state, tok, run_data, source
+
+
+def start_finetune(run, ckpt: dict | None):
+    """Say what a fine-tuning run trains and start its log: fresh (config.json written), or resumed from
+    the checkpoint (loaded into the run)."""
+    cfg, rt, task = run.cfg, run.rt, run.task
+    run.counts = dynlora.count_parameters(run.model)
+    trainable, total = run.counts
+    rt.print(f"finetune {task.name} ({cfg.method}): {run.data.train_examples:,} train examples, {run.total_steps} "
+             f"steps; trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); "
+             f"{rt.world_size} process(es) on {rt.device.type}, {rt.precision}")
+    run.run_config = {"finetune": asdict(cfg), "lr": run.lr, "model": run.config.to_dict(), "task": task.name,
+                      "adapter": asdict(run.adapter_cfg) if run.adapter_cfg else None}
+    run.log = RunLog(run.out, resume_finetune(run, ckpt), rt.is_main)
+    run.saved_step = run.log.state["step"] if ckpt is not None else None
+
+
+def save_best(run):
+    """Save a fine-tuning run's model as its best so far (rank 0), with what the file says about itself."""
+    meta = {"task": run.task.name, "method": run.cfg.method, "num_outputs": run.task.num_outputs,
+            "tokenizer_sha256": file_sha256(run.out / TOKENIZER_FILE), "backbone": run.cfg.backbone,
+            "readout": run.cfg.readout}
+    save_finetuned(run.out, run.model, run.cfg.method, run.adapter_cfg, meta, run.allocator)
+
+
+def diverged_message(run, what: str, step: int, epoch: int | None) -> str:
+    """What a run says when it stops on a non-finite loss or weights (train.DivergedError)."""
+    ckpt = run.out / CHECKPOINT_FILE
+    last = f"the last good checkpoint is {ckpt} (step {run.saved_step})" if run.saved_step is not None else \
+        "no checkpoint of this run was written yet"
+    fp16 = ", or use --precision bf16 or fp32" if run.rt.precision == "fp16" else ""
+    return (f"{what} at step {step}{'' if epoch is None else f' (epoch {epoch + 1})'}; the run stopped, nothing "
+            f"from it was saved, and {last}; lower --lr (it was {run.lr:g}){fp16}, or check the data, and start "
+            f"the run again")
+
+
+def finish_finetune(run, wall: float, final: dict, inference: dict) -> dict:
+    """The result record of a fine-tuning run whose best model is restored: the best epoch's and the last
+    epoch's scores, final (the trained model's adapter size and ranks), inference (the deployed forms), the
+    costs; appended to the results file, then final.json, then the plots (rank 0)."""
+    cfg, rt, state, method = run.cfg, run.rt, run.log.state, run.cfg.method
+    best, history = state["best"], state["history"]
+    result = {
+        "task": run.task.name, "method": method, "seed": cfg.seed, "suite": cfg.suite,
+        "score": best["score"], "best_epoch": best["epoch"], "dev": best["dev"],
+        "last_score": history[-1]["score"], "epochs": cfg.epochs, "lr": run.lr, "readout": cfg.readout,
+        "trainable_params": run.counts[0], "total_params": run.counts[1],
+        "active_adapter_params": dynlora.active_parameter_count(run.model) if run.adapter_cfg is not None else None,
+        "final_active_adapter_params": final["final_active_adapter_params"], **inference,
+        "final_ranks": final["final_ranks"],
+        "train_examples": run.data.train_examples, "wall_s": round(wall, 1),
+        **({"split": data.VALIDATION, "val_fraction": cfg.val_fraction, "val_examples": run.data.held_out}
+           if cfg.val_fraction else {}), **({"from_tune": cfg.from_tune} if cfg.from_tune else {}),
+        "tokens_per_s": round(state["tokens"] / max(1e-9, wall), 1), "train_tokens": state["tokens"],
+        "padding_fraction": round(run.data.train.padding_fraction(cfg.epochs), 4),
+        "compiled": run.compiled,
+        "device": rt.device.type, "precision": rt.precision, "processes": rt.world_size,
+        "resumed": state["resumed"], "run_id": state["run_id"],
+        "backbone": cfg.backbone, "backbone_sha256": run.source if cfg.backbone else None,
+        "machine": machine_description(), "commit": state["commit"],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "run_dir": str(run.out),
+    }
+    if rt.is_main:
+        # The results line first, then final.json, which marks the run finished: a run whose writing failed
+        # in between is resumed from its last checkpoint (the finished training) and appends nothing twice
+        # (append_result skips a run_id it already holds). The plots come last: a failure there loses nothing.
+        append_result(result, results_folder(cfg.results_dir, cfg.suite))
+        atomic_write_text(run.out / FINAL_FILE, json.dumps(result, indent=2))
+        plot_finetune(run.out, history, run.task.name, run.allocator)
+        print(f"finetune {run.task.name} ({method}): best {'validation' if cfg.val_fraction else 'dev'} score "
+              f"{100 * best['score']:.2f} at epoch {best['epoch']}, {wall / 60:.1f} min; run folder {run.out}")
+    rt.barrier()
+    return result

@@ -16,7 +16,8 @@ What this file holds, in order:
                               the GPU has no bf16, fp32 elsewhere), precision_note (the choice, in a line).
   2. Processes             -- start() reads the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
                               MASTER_ADDR, MASTER_PORT) and joins the process group (gloo on CPU, nccl on
-                              CUDA) with a timeout; the Runtime's collectives (barrier, sums, gathers).
+                              CUDA) with a timeout; the Runtime's collectives (barrier, sums, gathers);
+                              start_run (a training run's threads, Runtime and batch check); Throughput.
   3. Sharing the work      -- split_batch: the rows of one global batch that this rank computes, in each
                               gradient-accumulation micro-step (training); share: the whole batches this
                               rank scores (evaluation).
@@ -35,6 +36,7 @@ same optimizer step and stays bit-identical to the others without further commun
 import contextlib
 import itertools
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -257,6 +259,32 @@ def finish():
     """Leave the process group (at the end of cli.py's main)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def start_run(system, batch_size: int, threads: int) -> Runtime:
+    """A training run's Runtime (system: train.SystemConfig, checked by the caller): its CPU threads (0 =
+    PyTorch's default), device, precision and processes, which must be able to share a global batch of
+    batch_size rows (world_size x grad_accum parts, at least one row each)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    rt = start(system.device, system.precision, system.dist_timeout)
+    rt.print(precision_note(system.precision, rt.precision, rt.device))
+    parts = rt.world_size * system.grad_accum
+    if batch_size < parts:
+        raise ValueError(f"--batch-size {batch_size} is the global batch, shared by {rt.world_size} process(es) x "
+                         f"--grad-accum {system.grad_accum}; it must be at least {parts}")
+    return rt
+
+
+class Throughput:
+    """Tokens per second since the start, for the progress bar."""
+
+    def __init__(self):
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def add(self, n: int) -> float:
+        self.tokens += n
+        return self.tokens / max(1e-9, time.perf_counter() - self.t0)
 
 
 # ---------------------------------------------------------------------------------------------------------

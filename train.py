@@ -4,30 +4,27 @@ train.py -- what a run does: pretrain a GPT, fine-tune it on a GLUE task, evalua
     train.pretrain(PretrainConfig(...))                       # causal-LM pretraining -> a backbone folder
     train.finetune(FinetuneConfig(task="SST-2", method="dynlora"), {"r": 12, "target_r": 8})   # -> result record
 
-The command line that calls these (`python cli.py pretrain|finetune ...`), the side commands and the main
-job are cli.py's; what a run reads and leaves on disk (its data, checkpoints, model files, results, figures)
-is runs.py's, and the gate statistics a gated run records are analysis.py's. Every option of a run is a field of a config dataclass below (PretrainConfig, FinetuneConfig,
-dynlora.AdapterConfig, and SystemConfig for how to run), with its range in the field's `bounds` metadata,
-checked by check_config when the run starts.
+The rest of a run lives off this path: the command line in cli.py; the range check of the settings, run
+folders, checkpoints, resume and the result record in runs.py (this file decides what a run writes and when,
+runs.py how); the device, precision and processes in runtime.py; a finished run's gate statistics in
+analysis.py.
 
 What this file holds, in order:
-  1. Configs and their range check
+  1. Configs
   2. The optimizer, the learning-rate schedule, seeding
   3. The training step (devices, mixed precision, DDP, gradient accumulation) and the finite-loss guard
-  4. Pretraining: setup, the step loop, finishing
-  5. Fine-tuning: setup, the epoch loop (with the rank allocator's step), finishing: the result record
+  4. Pretraining: setup, the step loop
+  5. Fine-tuning: setup, the epoch loop (with the rank allocator's step), the result
   6. Evaluation: predictions and metrics
 """
 
 import contextlib
 import dataclasses
 import itertools
-import json
 import math
 import random
-import re
 import time
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 import numpy as np
@@ -38,32 +35,25 @@ from tqdm import tqdm
 import analysis
 import data
 import dynlora
-import model as gptmodel
-import readout
 import runs
 import runtime
-from model import GPT, GPTClassifier, GPTConfig
+from model import GPT, GPTClassifier, GPTConfig, preset
+from runs import bounds
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 1. Configs and their range check
+# 1. Configs
 #
-# A config is a plain dataclass with a comment on each field; cli.py turns the fields into --flags and the
-# comments into their --help, and check_config (the one range check of every config in the project: these,
-# tune's and planted's) checks every value against the bounds declared in the field's metadata, and that
-# every number is finite. No exec, no globals: a run's whole configuration is one object, saved with the
-# run as JSON.
+# A config is a plain dataclass with a comment on each field: cli.py turns the fields into --flags and the
+# comments into their --help, and runs.check_config checks every number against the bounds in its field's
+# metadata when the run starts. No exec, no globals: a run's whole configuration is one object, saved with
+# the run as JSON.
 #
-# PretrainConfig and FinetuneConfig say WHAT to train: a resumed run must repeat them exactly. SystemConfig
-# says HOW to run it -- device, precision, processes, checkpoints -- and may change between the attempts of
-# one run (resume a CPU run on a GPU, or on more processes). Fields of the first kind that only say where
-# things are or where results go may change too (RESUME_MAY_CHANGE).
+# PretrainConfig and FinetuneConfig say WHAT to train: a resumed run must repeat them exactly, but for the
+# fields that only say where things are or where results go (runs.RESUME_MAY_CHANGE). SystemConfig says HOW
+# to run it -- device, precision, processes, checkpoints -- and may change between the attempts of one run
+# (resume a CPU run on a GPU, or on more processes).
 # ---------------------------------------------------------------------------------------------------------
-
-def bounds(low=None, high=None, low_open=False, high_open=False) -> dict:
-    """Field metadata: the allowed range of a number (None = unbounded; *_open = the bound itself excluded)."""
-    return {"bounds": (low, high, low_open, high_open)}
-
 
 SEED_MAX = 2**32 - 1          # the largest seed numpy accepts
 
@@ -74,23 +64,30 @@ class PretrainConfig:
     data_dir: str | None = None                         # GLUE folder (default: $GLUE_DIR, else ./data/glue)
     tasks: str = "CoLA,SST-2,MRPC,STS-B,RTE"            # GLUE tasks whose unlabeled TRAIN text is the corpus
     corpus: list = field(default_factory=list)          # extra plain-text files, one document per line
-    init: str = ""                                      # backbone folder to start from (its weights, shape, tokenizer); '' = a new model
+    init: str = ""                                      # backbone folder to start from (its weights, shape, tokenizer);
+                                                        # '' = a new model
     preset: str = "cpu"                                 # model size: nano | cpu | gpt2 (see model.PRESETS)
     n_layer: int = field(default=0, metadata=bounds(0))   # transformer blocks (0 = the preset's)
     n_head: int = field(default=0, metadata=bounds(0))    # attention heads; must divide the width (0 = the preset's)
     n_embd: int = field(default=0, metadata=bounds(0))    # width of the residual stream (0 = the preset's)
-    vocab_size: int = field(default=8192, metadata=bounds(0, low_open=True))   # BPE vocabulary size, special tokens included
+    vocab_size: int = field(default=8192, metadata=bounds(0, low_open=True))   # BPE vocabulary size, special tokens
+                                                                               # included
     block_size: int = field(default=128, metadata=bounds(0, low_open=True))    # context length in tokens
     batch_size: int = field(default=32, metadata=bounds(0, low_open=True))     # sequences per step
     max_steps: int = field(default=400, metadata=bounds(0, low_open=True))     # optimizer steps
     lr: float = field(default=1e-3, metadata=bounds(0, low_open=True))         # peak learning rate (AdamW)
-    min_lr_ratio: float = field(default=0.1, metadata=bounds(0, 1))            # final learning rate as a fraction of the peak (cosine decay)
+    min_lr_ratio: float = field(default=0.1, metadata=bounds(0, 1))            # final learning rate as a fraction of
+                                                                               # the peak (cosine decay)
     warmup_steps: int = field(default=40, metadata=bounds(0))                  # linear warm-up steps
-    weight_decay: float = field(default=0.1, metadata=bounds(0))               # AdamW weight decay on matrices (not on biases or LayerNorm)
-    grad_clip: float = field(default=1.0, metadata=bounds(0))                  # clip the global gradient norm to this (0 = off)
+    weight_decay: float = field(default=0.1, metadata=bounds(0))               # AdamW weight decay on matrices (not on
+                                                                               # biases or LayerNorm)
+    grad_clip: float = field(default=1.0, metadata=bounds(0))                  # clip the global gradient norm to this
+                                                                               # (0 = off)
     dropout: float = field(default=0.0, metadata=bounds(0, 1, high_open=True))  # dropout probability
-    holdout: float = field(default=0.02, metadata=bounds(0, 0.5, high_open=True))  # fraction of the token stream held out to measure validation loss
-    eval_every: int = field(default=100, metadata=bounds(0, low_open=True))    # steps between validation-loss measurements
+    holdout: float = field(default=0.02, metadata=bounds(0, 0.5, high_open=True))  # fraction of the token stream held
+                                                                                   # out to measure validation loss
+    eval_every: int = field(default=100, metadata=bounds(0, low_open=True))    # steps between validation-loss
+                                                                               # measurements
     seed: int = field(default=1337, metadata=bounds(0, SEED_MAX))              # random seed
     threads: int = field(default=0, metadata=bounds(0))                        # CPU threads (0 = PyTorch's default)
 
@@ -104,70 +101,52 @@ class FinetuneConfig:
     out_dir: str = ""                                   # run folder (default: runs/<task>-<method>-s<seed>)
     epochs: int = field(default=3, metadata=bounds(0, low_open=True))          # passes over the training set
     batch_size: int = field(default=32, metadata=bounds(0, low_open=True))     # examples per step
-    lr: float = field(default=0.0, metadata=bounds(0))                         # peak learning rate (0 = the method's default: 2e-4 full, 1e-3 adapters)
-    min_lr_ratio: float = field(default=0.1, metadata=bounds(0, 1))            # final learning rate as a fraction of the peak (cosine decay)
-    warmup_ratio: float = field(default=0.06, metadata=bounds(0, 1, high_open=True))  # fraction of the steps spent in linear warm-up
+    lr: float = field(default=0.0, metadata=bounds(0))                         # peak learning rate (0 = the method's
+                                                                               # default: 2e-4 full, 1e-3 adapters)
+    min_lr_ratio: float = field(default=0.1, metadata=bounds(0, 1))            # final learning rate as a fraction of
+                                                                               # the peak (cosine decay)
+    warmup_ratio: float = field(default=0.06, metadata=bounds(0, 1, high_open=True))  # fraction of the steps spent in
+                                                                                      # linear warm-up
     weight_decay: float = field(default=0.01, metadata=bounds(0))              # AdamW weight decay on matrices
-    grad_clip: float = field(default=1.0, metadata=bounds(0))                  # clip the global gradient norm to this (0 = off)
-    max_len: int = field(default=128, metadata=bounds(0, low_open=True))       # longest input in tokens; longer pairs are truncated, longest text first
-    max_train: int = field(default=0, metadata=bounds(0))                      # use only the first N training examples (0 = all), for quick trials
-    readout: str = "cls"                                # where the prediction is read: cls | last | cls-train | prompt (readout.py)
-    seed: int = field(default=0, metadata=bounds(0, SEED_MAX))                 # random seed (initialisation of new weights, dropout, batch order)
+    grad_clip: float = field(default=1.0, metadata=bounds(0))                  # clip the global gradient norm to this
+                                                                               # (0 = off)
+    max_len: int = field(default=128, metadata=bounds(0, low_open=True))       # longest input in tokens; longer pairs
+                                                                               # are truncated, longest text first
+    max_train: int = field(default=0, metadata=bounds(0))                      # use only the first N training examples
+                                                                               # (0 = all), for quick trials
+    readout: str = "cls"                                # where the prediction is read: cls | last | cls-train | prompt
+                                                        # (readout.py)
+    seed: int = field(default=0, metadata=bounds(0, SEED_MAX))                 # random seed (initialisation of new
+                                                                               # weights, dropout, batch order)
     threads: int = field(default=0, metadata=bounds(0))                        # CPU threads (0 = PyTorch's default)
-    suite: str = ""                                     # the suite of record this run belongs to (a table in RESULTS.md); '' = an ad-hoc run
-    results_dir: str = ""                               # folder whose finetune.jsonl gets the run's result ('' = results/ for a --suite, else runs/results/)
-    val_fraction: float = field(default=0.0, metadata=bounds(0, 1, high_open=True))   # hold out this fixed part of the TRAIN split and score it instead of dev, which is then never read (0 = off; tune.py)
-    from_tune: str = ""                                 # a tune.jsonl: apply its chosen setting for this task, method and backbone (tune.py; cli.py applies it)
+    suite: str = ""                                     # the suite of record this run belongs to (a table in
+                                                        # RESULTS.md); '' = an ad-hoc run
+    results_dir: str = ""                               # folder whose finetune.jsonl gets the run's result ('' =
+                                                        # results/ for a --suite, else runs/results/)
+    val_fraction: float = field(default=0.0, metadata=bounds(0, 1, high_open=True))   # hold out this fixed part of the
+                                                                                      # TRAIN split and score it instead
+                                                                                      # of dev, which is then never read
+                                                                                      # (0 = off; tune.py)
+    from_tune: str = ""                                 # a tune.jsonl: apply its chosen setting for this task, method
+                                                        # and backbone (tune.py; cli.py applies it)
 
 
 @dataclass
 class SystemConfig:
-    device: str = "auto"                                # auto | cpu | cuda | mps (auto: cuda if present, else mps, else cpu)
-    precision: str = "auto"                             # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA and on CPUs with native bf16, fp16 on GPUs without bf16, else fp32)
-    compile: bool = False                               # torch.compile the training step (minutes to compile; eager where the compiler cannot run)
-    grad_accum: int = field(default=1, metadata=bounds(1))                     # micro-steps per optimizer step; --batch-size stays the global batch
-    save_every: int = field(default=0, metadata=bounds(0))                     # also checkpoint every N optimizer steps (0 = only at epoch ends / evaluations)
+    device: str = "auto"                                # auto | cpu | cuda | mps (auto: cuda if present, else mps, else
+                                                        # cpu)
+    precision: str = "auto"                             # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA and on CPUs with
+                                                        # native bf16, fp16 on GPUs without bf16, else fp32)
+    compile: bool = False                               # torch.compile the training step (minutes to compile; eager
+                                                        # where the compiler cannot run)
+    grad_accum: int = field(default=1, metadata=bounds(1))                     # micro-steps per optimizer step;
+                                                                               # --batch-size stays the global batch
+    save_every: int = field(default=0, metadata=bounds(0))                     # also checkpoint every N optimizer steps
+                                                                               # (0 = only at epoch ends / evaluations)
     resume: bool = False                                # continue the run in the run folder from its checkpoint.pt
-    dist_timeout: float = field(default=300, metadata=bounds(0, low_open=True))  # seconds to wait for the other processes (start-up and each exchange)
-
-
-# FinetuneConfig / PretrainConfig fields that may differ when a run is resumed: where things are, where the
-# result goes, how many threads. Every other field shapes the training and must match the checkpoint's.
-RESUME_MAY_CHANGE = {"data_dir", "out_dir", "threads", "suite", "results_dir", "from_tune"}
-
-# Flag names of dynlora.AdapterConfig's fields: the five LoRA fields whose bare names would be ambiguous next
-# to the fine-tuning flags get a "lora-" prefix (--lora-r, --lora-alpha, --lora-dropout, --lora-targets,
-# --lora-bias); every other field keeps its name (--target-r, --gate-penalty, ...).
-FLAG_NAMES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_targets",
-              "bias": "lora_bias"}
-
-
-def flag(name: str, rename: dict | None = None) -> str:
-    """The --flag of a config field."""
-    return "--" + (rename or {}).get(name, name).replace("_", "-")
-
-
-def check_config(cfg, rename: dict | None = None):
-    """Raise ValueError, naming the --flag, for a number that is not finite or outside its field's bounds."""
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if not math.isfinite(value):
-            raise ValueError(f"{flag(f.name, rename)} must be a finite number, got {value}")
-        low, high, low_open, high_open = f.metadata.get("bounds", (None, None, False, False))
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            lo = "" if low is None else f"{'>' if low_open else '>='} {number(low)}"
-            hi = "" if high is None else f"{'<' if high_open else '<='} {number(high)}"
-            raise ValueError(f"{flag(f.name, rename)} must be {' and '.join(x for x in (lo, hi) if x)}, "
-                             f"got {number(value)}")
-
-
-def number(x) -> str:
-    """A bound or a value as the user would type it: an int whole (a seed of 4294967295), a float short."""
-    return str(x) if isinstance(x, int) else f"{x:g}"
+    dist_timeout: float = field(default=300, metadata=bounds(0, low_open=True))  # seconds to wait for the other
+                                                                                 # processes (start-up and each
+                                                                                 # exchange)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,11 +157,6 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-
-
-def set_threads(n: int):
-    if n > 0:
-        torch.set_num_threads(n)
 
 
 def cosine_schedule(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -197,8 +171,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, gate_lr_mul
     """AdamW over the trainable parameters; matrices are decayed, vectors (biases, norms, gate biases) not.
 
     With gate_lr_mult != 1 the live gates' parameters (dynlora.gate_parameters: W_g, c, P) get two groups of
-    their own at gate_lr_mult x lr (chapter 2 of dynlora.py says why). Each group keeps its factor as
-    "lr_mult", which set_lr applies to every new learning rate of the schedule.
+    their own at gate_lr_mult x lr (docs/design.md says why). Each group keeps its factor as "lr_mult", which
+    set_lr applies to every new learning rate of the schedule.
     """
     gate_ids = {id(p) for p in dynlora.gate_parameters(model)} if gate_lr_mult != 1.0 else set()
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
@@ -206,7 +180,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, gate_lr_mul
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_mult": 1.0},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_mult": 1.0}]
     if gates:                                   # W_g and P are matrices (decayed), c a vector (not)
-        groups += [{"params": [p for p in gates if p.dim() >= 2], "weight_decay": weight_decay, "lr_mult": gate_lr_mult},
+        groups += [{"params": [p for p in gates if p.dim() >= 2], "weight_decay": weight_decay,
+                    "lr_mult": gate_lr_mult},
                    {"params": [p for p in gates if p.dim() < 2], "weight_decay": 0.0, "lr_mult": gate_lr_mult}]
     for group in groups:
         group["lr"] = lr * group["lr_mult"]
@@ -219,17 +194,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float):
         group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
-class Throughput:
-    """Tokens per second since the start, for the progress bar."""
-
-    def __init__(self):
-        self.t0, self.tokens = time.perf_counter(), 0
-
-    def add(self, n: int) -> float:
-        self.tokens += n
-        return self.tokens / max(1e-9, time.perf_counter() - self.t0)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # 3. The training step
 #
@@ -239,14 +203,6 @@ class Throughput:
 # gradients are unscaled (fp16), clipped, and the optimizer steps. With one process, one micro-step and fp32
 # this is exactly the plain loop: forward, backward, clip, step.
 # ---------------------------------------------------------------------------------------------------------
-
-def check_system(system: SystemConfig, batch_size: int, rt: runtime.Runtime):
-    """Fail fast, naming the flag, on settings of how to run that cannot work."""
-    parts = rt.world_size * system.grad_accum
-    if batch_size < parts:
-        raise ValueError(f"--batch-size {batch_size} is the global batch, shared by {rt.world_size} process(es) x "
-                         f"--grad-accum {system.grad_accum}; it must be at least {parts}")
-
 
 def train_step(model: nn.Module, batch, rt: runtime.Runtime, grad_accum: int, optimizer, scaler, params: list,
                grad_clip: float, extra_loss=None) -> tuple[float, bool]:
@@ -280,13 +236,13 @@ def train_step(model: nn.Module, batch, rt: runtime.Runtime, grad_accum: int, op
     return rt.sum([loss_sum.item()])[0], stepped
 
 
-# The finite-loss guard. A loss of nan or inf (too high a learning rate, broken data) means the weights are
-# garbage from then on: the run stops at once, naming the step, and nothing computed from those weights is
-# saved -- the last good checkpoint stays, no best model, final.json or result line is written (a
-# classifier of NaN weights would otherwise be scored, and recorded, as a real 50%). check_loss runs after
-# every step; check_weights before the weights are evaluated or saved, since a step can still report a
-# finite loss while its update makes them non-finite. The loss is the mean over all processes and the
-# weights are the same on every process, so every process stops at the same step.
+# The finite-loss guard: nothing non-finite becomes a result. A loss of nan or inf (too high a learning rate,
+# broken data) makes the weights garbage from then on, so the run stops at once, naming the step, and saves
+# nothing from those weights: no best model, final.json or result line (a classifier of NaN weights would
+# otherwise be scored, and recorded, as a real 50%); the last good checkpoint stays. check_loss runs after
+# every step; check_weights before the weights are evaluated or saved, since a step can report a finite loss
+# while its update makes them non-finite. The loss is the mean over all processes and the weights are the
+# same on every process, so every process stops at the same step.
 
 class DivergedError(ValueError):
     """The training loss or the weights stopped being finite numbers; the run stopped without saving them."""
@@ -294,44 +250,15 @@ class DivergedError(ValueError):
 
 def check_loss(run, loss: float, step: int, epoch: int | None = None):
     if not math.isfinite(loss):
-        raise diverged(run, f"the training loss became {loss}", step, epoch)
+        raise DivergedError(runs.diverged_message(run, f"the training loss became {loss}", step, epoch))
 
 
 def check_weights(run, step: int, epoch: int | None = None):
     params = [(name, p) for name, p in run.model.named_parameters() if p.requires_grad]
     if not torch.stack([torch.isfinite(p).all() for _, p in params]).all():
         name = next(name for name, p in params if not torch.isfinite(p).all())
-        raise diverged(run, f"the weights became non-finite (nan or inf in {name})", step, epoch)
-
-
-def diverged(run, what: str, step: int, epoch: int | None) -> DivergedError:
-    ckpt = run.out / runs.CHECKPOINT_FILE
-    last = f"the last good checkpoint is {ckpt} (step {run.saved_step})" if run.saved_step is not None else \
-        "no checkpoint of this run was written yet"
-    fp16 = ", or use --precision bf16 or fp32" if run.rt.precision == "fp16" else ""
-    return DivergedError(f"{what} at step {step}{'' if epoch is None else f' (epoch {epoch + 1})'}; the run "
-                         f"stopped, nothing from it was saved, and {last}; lower --lr (it was {run.lr:g}){fp16}, "
-                         f"or check the data, and start the run again")
-
-
-def flag_name(section: str, key: str) -> str:
-    """How the user sets a field of a saved run config: its --flag, or its place in the backbone."""
-    if section == "adapter":
-        return flag(key, FLAG_NAMES)
-    if section == "model":
-        return f"the backbone's {key}"
-    return flag(key or section)
-
-
-def start_run(system: SystemConfig, batch_size: int, seed: int, threads: int) -> runtime.Runtime:
-    """What every training run does first: threads, the device and the processes, the seed."""
-    check_config(system)
-    set_threads(threads)
-    rt = runtime.start(system.device, system.precision, system.dist_timeout)
-    rt.print(runtime.precision_note(system.precision, rt.precision, rt.device))
-    check_system(system, batch_size, rt)
-    seed_everything(seed)
-    return rt
+        raise DivergedError(runs.diverged_message(run, f"the weights became non-finite (nan or inf in {name})",
+                                                  step, epoch))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,28 +304,24 @@ def pretrain(cfg: PretrainConfig, system: SystemConfig | None = None) -> Path:
     system = system or SystemConfig()
     run = setup_pretrain(cfg, system)
     wall = pretrain_steps(run, system)
-    finish_pretrain(run, wall)
+    runs.finish_pretrain(run, wall)                      # the backbone folder and the curves (rank 0)
     return run.out
 
 
 def setup_pretrain(cfg: PretrainConfig, system: SystemConfig) -> PretrainRun:
-    """Check the settings, build the tokenizer, the token streams, the model and the optimizer; resume."""
-    check_config(cfg)
-    if cfg.warmup_steps >= cfg.max_steps:
-        raise ValueError(f"need --warmup-steps < --max-steps (got {cfg.warmup_steps}, {cfg.max_steps})")
+    """The tokenizer, the token streams, the model and the optimizer; with --resume, the checkpoint's state."""
     shape = {k: v for k, v in [("n_layer", cfg.n_layer), ("n_head", cfg.n_head), ("n_embd", cfg.n_embd)] if v}
-    gptmodel.preset(cfg.preset, block_size=cfg.block_size, dropout=cfg.dropout, **shape)   # fail fast on the shape
-    out = Path(cfg.out_dir)
-    runs.check_output_folder(out, "--out-dir")
-    rt = start_run(system, cfg.batch_size, cfg.seed, cfg.threads)
+    out = runs.check_pretrain(cfg, shape, system)                 # every setting and the output folder
+    rt = runtime.start_run(system, cfg.batch_size, cfg.threads)  # threads, device, precision, processes
+    seed_everything(cfg.seed)
     ckpt = runs.read_checkpoint(out, "pretrain") if system.resume else None
     tok_path, train_stream, val_stream, init_config, init_state = runs.pretrain_tokens(cfg, rt, out, ckpt is None)
     tok = data.load_tokenizer(tok_path)
     if init_config is not None:
         config = dataclasses.replace(init_config, dropout=cfg.dropout)
     else:
-        config = gptmodel.preset(cfg.preset, vocab_size=tok.get_vocab_size(), block_size=cfg.block_size,
-                                 dropout=cfg.dropout, pad_id=tok.token_to_id(data.PAD), **shape)
+        config = preset(cfg.preset, vocab_size=tok.get_vocab_size(), block_size=cfg.block_size,
+                        dropout=cfg.dropout, pad_id=tok.token_to_id(data.PAD), **shape)
     model = GPT(config)
     if init_state is not None:
         model.load_state_dict(init_state)
@@ -414,7 +337,7 @@ def setup_pretrain(cfg: PretrainConfig, system: SystemConfig) -> PretrainRun:
                       if len(val_stream) > 2 * cfg.block_size else None,
                       run_config={"model": config.to_dict(), "pretrain": asdict(cfg)},
                       source=runs.file_sha256(tok_path), log=None)
-    run.log = runs.RunLog(out, runs.resume_pretrain(run, ckpt, RESUME_MAY_CHANGE, flag_name), rt.is_main)
+    run.log = runs.RunLog(out, runs.resume_pretrain(run, ckpt), rt.is_main)
     return run
 
 
@@ -438,7 +361,7 @@ def pretrain_steps(run: PretrainRun, system: SystemConfig) -> float:
     train_model = runtime.wrap(run.model, rt, system.compile)
     params = list(run.model.parameters())
     t_start = time.time() - state["wall_s"]
-    speed = Throughput()
+    speed = runtime.Throughput()
     batches = lm_batches(run.batcher, state["step"])
     bar = tqdm(range(state["step"], cfg.max_steps), initial=state["step"], total=cfg.max_steps, desc="pretrain",
                dynamic_ncols=True, mininterval=1.0, disable=not rt.is_main)
@@ -469,29 +392,12 @@ def pretrain_steps(run: PretrainRun, system: SystemConfig) -> float:
     return time.time() - t_start
 
 
-def finish_pretrain(run: PretrainRun, wall: float):
-    """Write the backbone folder (rank 0) and say what was trained."""
-    log = run.log.state["log"]
-    if run.rt.is_main:
-        runs.save_backbone(run.out, run.config, run.model.state_dict(), run.run_config,
-                           pretrain=asdict(run.cfg), wall_s=wall, run_id=run.log.state["run_id"])
-        runs.plot_pretrain(run.out, log)
-        held_out = [r["val_loss"] for r in log if "val_loss" in r]
-        print(f"pretrain: done in {wall / 60:.1f} min; final train loss {log[-1]['train_loss']:.3f}"
-              + (f", held-out loss {held_out[-1]:.3f}" if held_out else "") + f"; saved {run.out / runs.BACKBONE_FILE}")
-    run.rt.barrier()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # 5. Fine-tuning
 # ---------------------------------------------------------------------------------------------------------
 
 def default_lr(method: str) -> float:
     return 2e-4 if method == dynlora.FULL else 1e-3
-
-
-def run_name(cfg: FinetuneConfig) -> str:
-    return f"{data.get_task(cfg.task).name}-{cfg.method}-s{cfg.seed}"
 
 
 @dataclass
@@ -510,10 +416,10 @@ class FinetuneRun:
     scaler: torch.amp.GradScaler
     lr: float                               # the peak learning rate in effect
     total_steps: int
-    run_config: dict                        # what the run is, as saved in config.json and the checkpoint
     source: str                             # hash of the backbone (or tokenizer) it started from
-    log: runs.RunLog                        # the run's state and metrics.jsonl
-    counts: tuple                           # (trainable, total) parameters
+    run_config: dict | None = None          # what the run is, as saved in config.json and the checkpoint
+    log: runs.RunLog | None = None          # the run's state and metrics.jsonl
+    counts: tuple | None = None             # (trainable, total) parameters
     saved_step: int | None = None           # the step of the last checkpoint written or resumed from
     compiled: dict | None = None            # torch.compile's graphs and compile seconds in this attempt (None: eager)
 
@@ -524,11 +430,9 @@ def finetune(cfg: FinetuneConfig, adapter_overrides: dict | None = None, system:
     adapter_overrides: AdapterConfig fields that replace the defaults of cfg.method (e.g. {"r": 4}).
     system: how to run (device, precision, processes, checkpoints, --resume); SystemConfig() by default.
 
-    With several processes (torchrun), the dynamic parts stay identical on every process without extra
-    communication: the rank allocator scores importance from the gradients after DDP has all-reduced them,
-    which are the same everywhere, so every process computes the same masks; the gates are parameters,
-    trained like the others. The gate statistics of the dev set, which each process measures on its share
-    of the batches, are summed over the processes (analysis.sum_gate_statistics).
+    With several processes (torchrun) the dynamic parts need no communication of their own: the allocator
+    reads the all-reduced gradients (allocation_step), the gates are parameters like the others, and the dev
+    set's gate statistics are summed over the processes (analysis.sum_gate_statistics).
     """
     system = system or SystemConfig()
     run = setup_finetune(cfg, adapter_overrides or {}, system)
@@ -536,49 +440,14 @@ def finetune(cfg: FinetuneConfig, adapter_overrides: dict | None = None, system:
     return finish_finetune(run, wall)
 
 
-def adapter_config_of(cfg: FinetuneConfig, overrides: dict) -> dynlora.AdapterConfig | None:
-    """The adapter settings of the run: the method's defaults with the flags given; None for full."""
-    methods = list(dynlora.method_names())
-    if cfg.method not in methods:
-        raise ValueError(f"--method {cfg.method!r} is not known; choose one of {methods}")
-    if cfg.method == dynlora.FULL:
-        if overrides:
-            raise ValueError(f"adapter options ({', '.join(sorted(overrides))}) need an adapter --method, "
-                             f"not {dynlora.FULL!r}")
-        return None
-    try:
-        adapter_cfg = dynlora.config_for_method(cfg.method, **overrides)
-    except ValueError as err:            # AdapterConfig names its field; the user typed the field's flag
-        names = {f.name for f in fields(dynlora.AdapterConfig)}
-        raise ValueError(re.sub(r"^AdapterConfig: (\w+)", lambda m: flag(m.group(1), FLAG_NAMES)
-                                if m.group(1) in names else m.group(0), str(err))) from None
-    check_config(adapter_cfg, FLAG_NAMES)
-    return adapter_cfg
-
-
 def setup_finetune(cfg: FinetuneConfig, overrides: dict, system: SystemConfig) -> FinetuneRun:
-    """Check the settings, build the data, the model (pretrained body, new head, adapters), the optimizer and
-    the allocator; resume from the checkpoint when asked."""
-    check_config(cfg)
-    task = data.get_task(cfg.task)
-    readout.check(cfg.readout, task)
-    adapter_cfg = readout.adapter_config(adapter_config_of(cfg, overrides), cfg.readout)
-    out = Path(cfg.out_dir or runs.REPO / "runs" / run_name(cfg))
-    runs.check_output_folder(out, "--out-dir")                          # every place the run writes, checked
-    runs.check_results_folder(runs.results_folder(cfg.results_dir, cfg.suite))   # before its first step
-    rt = start_run(system, cfg.batch_size, cfg.seed, cfg.threads)
+    """The data, the model (pretrained body, new head, the method's adapters), the optimizer and the
+    allocator; with --resume, the checkpoint's state."""
+    task, adapter_cfg, out = runs.check_finetune(cfg, overrides, system)   # every setting and output folder
+    rt = runtime.start_run(system, cfg.batch_size, cfg.threads)          # threads, device, precision, processes
+    seed_everything(cfg.seed)
     ckpt = runs.read_checkpoint(out, "finetune") if system.resume else None
-    out.mkdir(parents=True, exist_ok=True)
-    data_dir = data.resolve_data_dir(cfg.data_dir)
-    with rt.main_first():                                                # rank 0 downloads what is missing
-        data.ensure_task(data_dir, task)
-    config, backbone_state, tok, tok_path, source = runs.finetune_backbone(cfg, out, data_dir, task, rt,
-                                                                          ckpt is None)
-    if cfg.max_len > config.block_size:
-        raise ValueError(f"--max-len {cfg.max_len} exceeds the backbone's block_size {config.block_size}; "
-                         f"use --max-len {config.block_size} or less")
-    run_data = runs.build_run_data(task, data_dir, tok, tok_path, runs.cache_dir(cfg.backbone, out), cfg.max_len,
-                                   cfg.batch_size, cfg.seed, cfg.max_train, rt, cfg.readout, cfg.val_fraction)
+    config, backbone_state, tok, run_data, source = runs.finetune_inputs(cfg, task, out, rt, ckpt is None)
     model = runs.build_classifier(config, backbone_state, task.num_outputs, cfg.readout, task, tok)
     if adapter_cfg is not None:
         dynlora.apply_lora(model, adapter_cfg)
@@ -587,18 +456,10 @@ def setup_finetune(cfg: FinetuneConfig, overrides: dict, system: SystemConfig) -
     allocator = dynlora.RankAllocator(model, adapter_cfg, total_steps) \
         if adapter_cfg is not None and adapter_cfg.allocation else None
     lr = cfg.lr or default_lr(cfg.method)
-    counts = dynlora.count_parameters(model)
-    rt.print(f"finetune {task.name} ({cfg.method}): {run_data.train_examples:,} train examples, {total_steps} "
-             f"steps; trainable parameters {counts[0]:,} of {counts[1]:,} ({100 * counts[0] / counts[1]:.2f}%); "
-             f"{rt.world_size} process(es) on {rt.device.type}, {rt.precision}")
-    run_config = {"finetune": asdict(cfg), "lr": lr, "model": config.to_dict(), "task": task.name,
-                  "adapter": asdict(adapter_cfg) if adapter_cfg else None}
-    run = FinetuneRun(cfg, task, adapter_cfg, rt, out, config, run_data, model, allocator,
-                      make_optimizer(model, lr, cfg.weight_decay, adapter_cfg.gate_lr_mult if adapter_cfg else 1.0),
-                      rt.grad_scaler(), lr, total_steps, run_config,
-                      source, log=None, counts=counts)
-    run.log = runs.RunLog(out, runs.resume_finetune(run, ckpt, RESUME_MAY_CHANGE, flag_name), rt.is_main)
-    run.saved_step = run.log.state["step"] if ckpt is not None else None
+    optimizer = make_optimizer(model, lr, cfg.weight_decay, adapter_cfg.gate_lr_mult if adapter_cfg else 1.0)
+    run = FinetuneRun(cfg, task, adapter_cfg, rt, out, config, run_data, model, allocator, optimizer,
+                      rt.grad_scaler(), lr, total_steps, source)
+    runs.start_finetune(run, ckpt)          # says what it trains; config.json, or the checkpoint loaded
     return run
 
 
@@ -611,7 +472,7 @@ def finetune_epochs(run: FinetuneRun, system: SystemConfig) -> float:
     warmup = int(cfg.warmup_ratio * run.total_steps)
     train_model = runtime.wrap(run.model, rt, system.compile)
     compiled_before = runtime.compile_stats() if train_model is not run.model else None
-    t_start, speed = time.time() - state["wall_s"], Throughput()
+    t_start, speed = time.time() - state["wall_s"], runtime.Throughput()
     train_model.train()
     for epoch in range(state["epoch"], cfg.epochs):
         batches = itertools.islice(run.data.train.epoch(epoch), state["batch"], None)
@@ -675,63 +536,23 @@ def end_of_epoch(run: FinetuneRun, epoch: int, wall_s: float):
     if dev["score"] > state["best"]["score"]:
         state["best"] = {"score": dev["score"], "epoch": epoch + 1, "dev": dev}
         if run.rt.is_main:
-            runs.save_finetuned(run.out, run.model, run.cfg.method, run.adapter_cfg, finetuned_meta(run),
-                                run.allocator)
+            runs.save_best(run)
     state["epoch"], state["batch"] = epoch + 1, 0
 
 
-def finetuned_meta(run: FinetuneRun) -> dict:
-    """What a saved fine-tuned model says about itself (model.pt / adapter.pt)."""
-    return {"task": run.task.name, "method": run.cfg.method, "num_outputs": run.task.num_outputs,
-            "tokenizer_sha256": runs.file_sha256(run.out / runs.TOKENIZER_FILE), "backbone": run.cfg.backbone,
-            "readout": run.cfg.readout}
-
-
 def finish_finetune(run: FinetuneRun, wall: float) -> dict:
-    """The result record: the best epoch's and the final model's scores, the deployed forms, the costs;
-    appended to the results file, then final.json (which marks the run finished), plots."""
-    cfg, rt, state, method = run.cfg, run.rt, run.log.state, run.cfg.method
+    """The result record (runs.finish_finetune writes it): the best and the last epoch's dev scores, and the
+    best model restored and scored as it is deployed (merged, gates frozen to their mean)."""
     # The model at the end of training, whose last-epoch dev score is `last_score`: the number the report
     # compares (for an allocating method it is also the model at the target budget).
-    final_active = dynlora.active_parameter_count(run.model) if run.adapter_cfg is not None else None
-    final_ranks = run.allocator.rank_pattern() if run.allocator is not None else None     # layer -> components
-    rt.barrier()                                                 # rank 0 has written the best model
-    runs.restore_best(run.model, run.out, method)                # the saved model is the best epoch's
-    inference = analysis.inference_forms(run.model, run.adapter_cfg, run.data, run.config.pad_id, run.out, rt,
-                                         lambda m: evaluate(m, run.task, run.data.dev, rt)) if run.adapter_cfg else {}
-    best, history = state["best"], state["history"]
-    result = {
-        "task": run.task.name, "method": method, "seed": cfg.seed, "suite": cfg.suite,
-        "score": best["score"], "best_epoch": best["epoch"], "dev": best["dev"],
-        "last_score": history[-1]["score"], "epochs": cfg.epochs, "lr": run.lr, "readout": cfg.readout,
-        "trainable_params": run.counts[0], "total_params": run.counts[1],
-        "active_adapter_params": dynlora.active_parameter_count(run.model) if run.adapter_cfg is not None else None,
-        "final_active_adapter_params": final_active, **inference,
-        "final_ranks": final_ranks,
-        "train_examples": run.data.train_examples, "wall_s": round(wall, 1),
-        **({"split": data.VALIDATION, "val_fraction": cfg.val_fraction, "val_examples": run.data.held_out}
-           if cfg.val_fraction else {}), **({"from_tune": cfg.from_tune} if cfg.from_tune else {}),
-        "tokens_per_s": round(state["tokens"] / max(1e-9, wall), 1), "train_tokens": state["tokens"],
-        "padding_fraction": round(run.data.train.padding_fraction(cfg.epochs), 4),
-        "compiled": run.compiled,
-        "device": rt.device.type, "precision": rt.precision, "processes": rt.world_size,
-        "resumed": state["resumed"], "run_id": state["run_id"],
-        "backbone": cfg.backbone, "backbone_sha256": run.source if cfg.backbone else None,
-        "machine": runs.machine_description(), "commit": state["commit"],
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "run_dir": str(run.out),
-    }
-    if rt.is_main:
-        # The results line first, then final.json, which marks the run finished: a run whose writing failed
-        # in between is resumed from its last checkpoint (the finished training) and appends nothing twice
-        # (append_result skips a run_id it already holds). The plots come last: a failure there loses nothing.
-        runs.append_result(result, runs.results_folder(cfg.results_dir, cfg.suite))
-        runs.atomic_write_text(run.out / runs.FINAL_FILE, json.dumps(result, indent=2))
-        runs.plot_finetune(run.out, history, run.task.name, run.allocator)
-        print(f"finetune {run.task.name} ({method}): best {'validation' if cfg.val_fraction else 'dev'} score "
-              f"{100 * best['score']:.2f} at epoch "
-              f"{best['epoch']}, {wall / 60:.1f} min; run folder {run.out}")
-    rt.barrier()
-    return result
+    adapters = run.adapter_cfg is not None
+    final = {"final_active_adapter_params": dynlora.active_parameter_count(run.model) if adapters else None,
+             "final_ranks": run.allocator.rank_pattern() if run.allocator is not None else None}  # layer -> rank
+    run.rt.barrier()                                                 # rank 0 has written the best model
+    runs.restore_best(run.model, run.out, run.cfg.method)            # the saved model is the best epoch's
+    inference = analysis.inference_forms(run.model, run.adapter_cfg, run.data, run.config.pad_id, run.out, run.rt,
+                                         lambda m: evaluate(m, run.task, run.data.dev, run.rt)) if adapters else {}
+    return runs.finish_finetune(run, wall, final, inference)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -74,15 +74,26 @@ READBACK_FREE = {"max_train"}
 @dataclass
 class TuneConfig:
     tasks: str = "CoLA,SST-2,MRPC,STS-B,RTE"            # GLUE tasks to tune on, comma-separated
-    methods: str = field(default_factory=lambda: ",".join(dynlora.method_names()))   # methods to tune, comma-separated (default: dynlora.method_names()); each gets the same number of trials
-    grid: str = "default"                               # settings to try for every method, "key=v1,v2;key=v1,v2" (keys: finetune or adapter settings; '+' joins a tuple's items); 'default' = DEFAULT_GRIDS per family
-    method_grid: list = field(default_factory=list)     # one method's own grid, replacing --grid for it: "gate:lr=1e-3,3e-3;gate_lr_mult=10,30" (several allowed)
-    seeds: str = "0"                                    # seeds of every setting's trials, comma-separated; a setting scores its mean over them
-    val_fraction: float = field(default=0.1, metadata={"bounds": (0, 1, True, True)})   # fraction of each task's TRAIN split held out as the validation set (dev is never read)
-    max_trials: int = field(default=0, metadata={"bounds": (0, None, False, False)})    # refuse a grid of more trials per method than this (0 = no cap)
+    methods: str = field(default_factory=lambda: ",".join(dynlora.method_names()))  # methods to tune, comma-separated;
+                                                                                    # all get equally many trials
+    grid: str = "default"                               # settings to try for every method, "key=v1,v2;key=v1,v2"
+                                                        # (keys: finetune or adapter settings; '+' joins a tuple's
+                                                        # items); 'default' = DEFAULT_GRIDS per family
+    method_grid: list = field(default_factory=list)     # one method's own grid, replacing --grid for it:
+                                                        # "gate:lr=1e-3,3e-3;gate_lr_mult=10,30" (several allowed)
+    seeds: str = "0"                                    # seeds of every setting's trials, comma-separated; a
+                                                        # setting scores its mean over them
+    val_fraction: float = field(default=0.1, metadata={"bounds": (0, 1, True, True)})  # fraction of each task's TRAIN
+                                                                                       # split held out to validate on
+                                                                                       # (dev is never read)
+    max_trials: int = field(default=0, metadata={"bounds": (0, None, False, False)})  # refuse a grid of more trials
+                                                                                      # per method than this
+                                                                                      # (0 = no cap)
     results_dir: str = "results"                        # folder of tune.jsonl (relative: to the repository)
-    out_dir: str = "runs/tune"                          # folder of the trials' run folders and their finetune.jsonl (relative: to the repository)
-    keep_models: bool = False                           # keep each trial's model and checkpoint files (default: deleted once its line is written)
+    out_dir: str = "runs/tune"                          # folder of the trials' run folders and their finetune.jsonl
+                                                        # (relative: to the repository)
+    keep_models: bool = False                           # keep each trial's model and checkpoint files (default:
+                                                        # deleted once its line is written)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,8 +323,9 @@ def trial_record(trial_id: str, cfg, setting: dict, adapter: dict, sha, result: 
     fin, _ = split_setting(setting, cfg)
     return {"kind": "trial", "trial_id": trial_id, "task": cfg.task, "method": cfg.method, "setting": setting,
             "seed": cfg.seed, "val_score": result.get("last_score"), "val_best_score": result.get("score"),
-            "val_metrics": result.get("dev"), "diverged": why, "split": data.VALIDATION, "val_fraction": cfg.val_fraction,
-            "val_examples": result.get("val_examples"), "train_examples": result.get("train_examples"),
+            "val_metrics": result.get("dev"), "diverged": why, "split": data.VALIDATION,
+            "val_fraction": cfg.val_fraction, "val_examples": result.get("val_examples"),
+            "train_examples": result.get("train_examples"),
             "recipe": {k: v for k, v in recipe_of(cfg).items() if k not in fin}, "adapter": adapter,
             "backbone": cfg.backbone, "backbone_sha256": sha, "run_id": result.get("run_id"), "run_dir": cfg.out_dir,
             "device": result.get("device"), "precision": result.get("precision"), "lr": result.get("lr"),
@@ -374,7 +386,7 @@ def describe(setting: dict) -> str:
 def run(spec: TuneConfig, base, adapter: dict, system, *, finetune, check, flag, diverged) -> list:
     """`cli.py tune`: every trial not yet in tune.jsonl, then each method's choice; returns the choice lines
     written or found. base: the FinetuneConfig of the fixed recipe; adapter: the adapter flags given;
-    finetune / check / flag / diverged: train.finetune, train.check_config, the --flag of a field, and
+    finetune / check / flag / diverged: train.finetune, runs.check_config, the --flag of a field, and
     train.DivergedError (a diverged trial is recorded with no score, and its setting cannot be chosen)."""
     tasks, methods, seeds, settings = plan(spec, base, adapter, check, flag)
     check_splits(tasks, settings, base, spec.val_fraction)

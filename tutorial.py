@@ -6,7 +6,7 @@ Each notebook's first cell finds the repository (so that its .py files can be im
     import tutorial
     DATA, SCALE = tutorial.glue_data(SCALE)          # real GLUE if found, else the tiny test fixtures
     WORK = tutorial.scratch("nb2")                  # this notebook's files, outside the repository
-    BACKBONE = tutorial.backbone(SCALE, DATA, WORK)  # runs/backbone if `python cli.py pretrain` made it, else a small one
+    BACKBONE = tutorial.backbone(SCALE, DATA, WORK)  # `python cli.py pretrain`'s runs/backbone if any, else a small one
     SMOLLM2 = tutorial.smollm2(WORK)                 # the pretrained SmolLM2-135M (notebooks 2-4, 6), or None
 
 What this file holds, in order:
@@ -77,7 +77,8 @@ def backbone(scale: str, data_dir: Path, work: Path) -> Path:
             shutil.copy(made / name, folder / name)
         return folder
     cfg = train.PretrainConfig(data_dir=str(data_dir), **PRETRAIN[scale])
-    folder = Path(tempfile.gettempdir()) / "dynlora-tutorial" / ("backbone-" + hashlib.sha256(repr(cfg).encode()).hexdigest()[:12])
+    digest = hashlib.sha256(repr(cfg).encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / "dynlora-tutorial" / ("backbone-" + digest)
     cfg.out_dir = str(folder)
     if not (folder / runs.BACKBONE_FILE).is_file():
         train.pretrain(cfg)

@@ -33,7 +33,8 @@ BACKBONE = "runs/smollm2-135m"
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--tasks", default=TASKS, help=f"GLUE tasks with a prompt in readout.PROMPTS (default: {TASKS})")
+    parser.add_argument("--tasks", default=TASKS,
+                        help=f"GLUE tasks with a prompt in readout.PROMPTS (default: {TASKS})")
     parser.add_argument("--backbone", default=BACKBONE, help=f"backbone folder (default: {BACKBONE})")
     parser.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR, else ./data/glue)")
     parser.add_argument("--results-dir", default=str(runs.RESULTS_DIR), help="folder whose finetune.jsonl gets "

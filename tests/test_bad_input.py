@@ -4,7 +4,6 @@ two runs mixed up) stops with one line naming the flag or file and the fix, befo
 and nothing non-finite is ever saved or recorded."""
 
 import json
-import math
 import shutil
 
 import numpy as np

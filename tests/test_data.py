@@ -155,7 +155,8 @@ def test_stsb_float_scores():
 
 
 def test_qqp_skips_malformed_rows_with_a_warning():
-    with pytest.warns(UserWarning, match=r"QQP/train.tsv: skipped 2 malformed rows without 6 columns \(first at line 6\)"):
+    with pytest.warns(UserWarning,
+                      match=r"QQP/train.tsv: skipped 2 malformed rows without 6 columns \(first at line 6\)"):
         train = read("qqp", "train")
     assert len(train) == 10
     assert [ex.line for ex in train[3:6]] == [5, 8, 9]     # lines 6 and 7 are the broken row
@@ -226,7 +227,8 @@ def test_quoted_field_with_tab_is_not_merged(tmp_path):
 def test_label_outside_the_set_names_file_and_line(tmp_path):
     write_tsv(tmp_path / "RTE", "dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\tA b.\tA.\tentailment\n"
                                             "1\tC d.\tC.\tneutral\n")
-    with pytest.raises(DataError, match=r"RTE/dev.tsv:3: label 'neutral' is not one of \['entailment', 'not_entailment'\]"):
+    with pytest.raises(DataError,
+                       match=r"RTE/dev.tsv:3: label 'neutral' is not one of \['entailment', 'not_entailment'\]"):
         data.read_split(tmp_path, "rte", "dev")
 
 
@@ -386,7 +388,8 @@ def test_download_mrpc_from_senteval_files(server, tmp_path):
     assert (folder / "dev.tsv").read_text() == out_header + "\n".join(rows[i] for i in (1, 4)) + "\n"
     assert (folder / "test.tsv").read_text().splitlines()[1] == "0\t201\t202\tA is B .\tB is A ."
     dev = data.read_split(tmp_path / "glue", "mrpc", "dev")
-    assert [(ex.text_a, ex.label) for ex in dev] == [("Shares rose 3 percent .", 0), ("Rain is expected on Monday .", 1)]
+    assert [(ex.text_a, ex.label) for ex in dev] == [("Shares rose 3 percent .", 0),
+                                                     ("Rain is expected on Monday .", 1)]
     assert data.read_split(tmp_path / "glue", "mrpc", "train")[1].text_a == '" Yes , " she said .'
 
 
@@ -429,14 +432,16 @@ def test_http_error_is_reported(server, tmp_path):
 
 def test_offline_names_the_folder(tmp_path):
     with pytest.raises(DataError, match=r"GLUE task STS-B not found in .*glue/STS-B \(missing train.tsv, dev.tsv\) and "
-                                        r"download failed \(.*\)\. Put the official TSVs there, set --data-dir or \$GLUE_DIR\."):
+                                        r"download failed \(.*\)\. Put the official TSVs there, "
+                                        r"set --data-dir or \$GLUE_DIR\."):
         data.ensure_task(tmp_path / "glue", "stsb", base_url=closed_port_url())
     assert not (tmp_path / "glue" / "STS-B").exists()
 
 
 def test_ensure_task_without_download(tmp_path):
     write_tsv(tmp_path / "MNLI", "train.tsv", "x")
-    with pytest.raises(DataError, match=r"GLUE task MNLI not found in .*MNLI \(missing dev_matched.tsv, dev_mismatched.tsv\)\. Put"):
+    with pytest.raises(DataError, match=r"GLUE task MNLI not found in .*MNLI "
+                                        r"\(missing dev_matched.tsv, dev_mismatched.tsv\)\. Put"):
         data.ensure_task(tmp_path, "mnli", download=False)
 
 
@@ -500,7 +505,8 @@ def test_truncated_lengths():
 
 
 def test_encode_examples_format(tok):
-    enc = lambda s: tok.encode(s, add_special_tokens=False).ids
+    def enc(s):
+        return tok.encode(s, add_special_tokens=False).ids
     examples = [Example("a quiet triumph", None, 1, 2), Example("Why is the sky blue?", "What makes it blue?", 0, 3)]
     ids, labels = data.encode_examples(tok, examples, max_len=64)
     assert ids[0].tolist() == enc("a quiet triumph") + [data.CLS_ID]
@@ -518,7 +524,8 @@ def test_encode_examples_truncation_keeps_cls_last(tok):
     ids, _ = data.encode_examples(tok, examples, max_len=12)
     for seq in ids:
         assert len(seq) == 12 and seq[-1] == data.CLS_ID
-    assert ids[0].tolist()[-2 - n_yes:] == [data.SEP_ID] + tok.encode("Yes.", add_special_tokens=False).ids + [data.CLS_ID]
+    yes = tok.encode("Yes.", add_special_tokens=False).ids
+    assert ids[0].tolist()[-2 - n_yes:] == [data.SEP_ID] + yes + [data.CLS_ID]
     assert ids[2].tolist().index(data.SEP_ID) == 5          # budget 10 split 5 / 5
 
 
@@ -605,8 +612,9 @@ def test_bucketing_pads_less_than_random_batches():
 
 def test_bucket_batcher_deterministic_per_seed_and_epoch():
     ids = random_ids()
-    order = lambda seed, epoch: [y.tolist() for _, y in data.BucketBatcher(
-        ids, np.arange(len(ids)), 16, shuffle=True, seed=seed).epoch(epoch)]
+    def order(seed, epoch):
+        batcher = data.BucketBatcher(ids, np.arange(len(ids)), 16, shuffle=True, seed=seed)
+        return [y.tolist() for _, y in batcher.epoch(epoch)]
     assert order(0, 0) == order(0, 0)
     assert order(0, 0) != order(0, 1)
     assert order(0, 0) != order(1, 0)

@@ -134,7 +134,8 @@ def test_bias_options():
     assert "gpt.blocks.0.attn.k_proj.bias" not in trainable
     model, _ = adapted("lora", bias="all")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {"gpt.blocks.0.attn.k_proj.bias", "gpt.blocks.1.ln_2.bias", "gpt.blocks.0.attn.q_proj.base.bias"} <= trainable
+    assert {"gpt.blocks.0.attn.k_proj.bias", "gpt.blocks.1.ln_2.bias",
+            "gpt.blocks.0.attn.q_proj.base.bias"} <= trainable
     assert "gpt.blocks.0.attn.k_proj.weight" not in trainable
 
 
@@ -371,7 +372,7 @@ def test_merge_and_unload_returns_a_plain_equivalent_model():
 @pytest.mark.parametrize("pair", [("gate", "lora", 4), ("dynlora", "alloc", 4)])
 def test_a_gate_leaves_the_initialisation_of_the_same_shapes_unchanged(pair):
     """Same seed, same shapes -> the same A in every layer (and the same head), with or without gates: the
-    gate's projection P is drawn aside (dynlora._aside_generator), so paired runs start from the same point."""
+    gate's projection P is drawn aside (RankGate.__init__), so paired runs start from the same point."""
     gated_method, plain_method, r = pair
     gated, _ = adapted(gated_method, seed=7, r=r, target_r=2)
     plain, _ = adapted(plain_method, seed=7, r=r, target_r=2)
@@ -414,7 +415,8 @@ def test_gate_at_init_is_constant_and_penalty_is_its_mean():
     for _, layer in adapter_layers(model):
         layer.mask[1] = 0.0
     model(idx)
-    assert torch.allclose(regularization_loss(model), torch.tensor(0.75 / (1 + math.exp(-AdapterConfig().gate_init))), atol=1e-6)
+    g0 = 1 / (1 + math.exp(-AdapterConfig().gate_init))         # sigmoid(gate_init)
+    assert torch.allclose(regularization_loss(model), torch.tensor(0.75 * g0), atol=1e-6)
 
 
 def test_gate_penalty_lowers_effective_rank_on_a_toy_problem():
@@ -472,7 +474,8 @@ def test_frozen_gate_is_the_mean_gate_and_survives_save_load(tmp_path):
     model, _ = adapted("gate")
     freeze_gates(model, [batch(1)[0]])
     for _, layer in adapter_layers(model):     # untrained: g = sigmoid(gate_init) for every token
-        assert torch.allclose(layer.gate.frozen_mean, torch.full((4,), 1 / (1 + math.exp(-AdapterConfig().gate_init))), atol=1e-6)
+        g0 = 1 / (1 + math.exp(-AdapterConfig().gate_init))
+        assert torch.allclose(layer.gate.frozen_mean, torch.full((4,), g0), atol=1e-6)
     randomize_B(model)
     path = save_adapter(tmp_path / "g.pt", model)
     fresh = classifier()
@@ -584,7 +587,8 @@ def test_ema_and_uncertainty_match_hand_computation():
     assert torch.allclose(alloc.ipt[first]["A"], torch.full((2, 32), 0.9))
     assert torch.allclose(alloc.unc[first]["A"], torch.full((2, 32), 0.765))
     assert torch.equal(alloc.ipt[second]["A"], torch.zeros(2, 32))          # grad None -> I = 0, no crash
-    # step 2: I = |2 * 1| = 2 -> I_bar = 0.85 * 0.9 + 0.15 * 2 = 1.065; U_bar = 0.85 * 0.765 + 0.15 * |2 - 1.065| = 0.7905
+    # step 2: I = |2 * 1| = 2 -> I_bar = 0.85 * 0.9 + 0.15 * 2 = 1.065;
+    #         U_bar = 0.85 * 0.765 + 0.15 * |2 - 1.065| = 0.7905
     set_params_and_grads(alloc, {first: (2.0, 1.0), second: (1.0, None)})
     alloc.step(2)
     assert torch.allclose(alloc.ipt[first]["B"], torch.full((32, 2), 1.065))
@@ -737,11 +741,11 @@ def test_masks_and_allocator_state_survive_save_load(tmp_path):
     train_steps(model, 4, alloc)                                  # through three reallocations
     masks = {n: l.mask.clone() for n, l in alloc.layers}
     assert sum(m.sum().item() for m in masks.values()) < 16       # some components are off
-    path = save_adapter(tmp_path / "a.pt", model, config, extra={"allocator": alloc.state_dict()})
+    path = save_adapter(tmp_path / "a.pt", model, config, extra={"allocator": runs.allocator_state(alloc)})
     fresh = classifier()
     _, _, extra = load_adapter(path, fresh)
     alloc2 = RankAllocator(fresh, config, total_steps=10)
-    alloc2.load_state_dict(extra["allocator"])
+    runs.load_allocator_state(alloc2, extra["allocator"])
     for (n, l) in alloc2.layers:
         assert torch.equal(l.mask, masks[n])
         assert torch.equal(alloc2.ipt[n]["A"], alloc.ipt[n]["A"]) and torch.equal(alloc2.unc[n]["B"], alloc.unc[n]["B"])
@@ -804,12 +808,12 @@ def test_method_table_and_presets():
     with pytest.raises(ValueError, match="unknown adapter option"):
         config_for_method("lora", rank=4)
     from dataclasses import asdict
-    assert AdapterConfig.from_dict({**asdict(cfg), "targets": ["q_proj", "v_proj"]}) == cfg
+    assert runs.adapter_config_from_dict({**asdict(cfg), "targets": ["q_proj", "v_proj"]}) == cfg
     with pytest.raises(ValueError, match="unknown keys"):
-        AdapterConfig.from_dict({"rank": 4})
+        runs.adapter_config_from_dict({"rank": 4})
     saved = asdict(cfg)
     del saved["gate"]                                         # a file written before the gate was named
-    assert AdapterConfig.from_dict(saved).gate == "rank"
+    assert runs.adapter_config_from_dict(saved).gate == "rank"
 
 
 def test_gate_flops_per_token_by_hand():

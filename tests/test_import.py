@@ -336,7 +336,8 @@ def test_gguf_import_computes_the_reference_logits(tmp_path, types, tied):
     ours = imported_logits(tmp_path / "bb", hf_ids)
     torch.testing.assert_close(ours, llama_reference_logits(decoded, config, hf_ids), atol=1e-4, rtol=0)
     c, state, tok, _ = runs.load_backbone(tmp_path / "bb")
-    assert (c.norm, c.pos, c.mlp, c.bias, c.n_kv_head, c.tie_embeddings) == ("rmsnorm", "rope", "swiglu", False, 2, tied)
+    assert (c.norm, c.pos, c.mlp, c.bias, c.n_kv_head, c.tie_embeddings) == \
+        ("rmsnorm", "rope", "swiglu", False, 2, tied)
     assert (c.block_size, c.norm_eps, c.rope_theta, c.vocab_size) == (32, 1e-5, 10000.0, config["vocab_size"] + 3)
     embed = decoded["model.embed_tokens.weight"]
     assert torch.equal(state["wte.weight"][data.SEP_ID], embed[0])           # <sep> starts as <|endoftext|>
@@ -486,7 +487,8 @@ def gpt2_state_dict(V: int, n_embd: int, n_layer: int, n_positions: int, **_) ->
               "mlp.c_proj.weight": (4 * d, d), "mlp.c_proj.bias": (d,)}
     sd = {"wte.weight": (V, d), "wpe.weight": (P, d), "ln_f.weight": (d,), "ln_f.bias": (d,),
           **{f"h.{i}.{name}": shape for i in range(n_layer) for name, shape in shapes.items()}}
-    gain = lambda name: name.endswith("weight") and name.split(".")[-2].startswith("ln")   # LayerNorm gains ~ 1
+    def gain(name):                                       # LayerNorm gains ~ 1
+        return name.endswith("weight") and name.split(".")[-2].startswith("ln")
     sd = {name: torch.randn(*shape, generator=g) * 0.1 + float(gain(name)) for name, shape in sd.items()}
     for i in range(n_layer):
         sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(P, P)).view(1, 1, P, P)   # the causal mask, a buffer
@@ -498,7 +500,8 @@ def gpt2_reference_logits(sd: dict, n_head: int, ids: torch.Tensor) -> torch.Ten
     B, T = ids.shape
     d = sd["wte.weight"].shape[1]
     hd = d // n_head
-    ln = lambda x, p: F.layer_norm(x, (d,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-5)
+    def ln(x, p):
+        return F.layer_norm(x, (d,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-5)
     x = sd["wte.weight"][ids] + sd["wpe.weight"][:T]                              # (B, T, d)
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
     for i in range(len({k.split(".")[1] for k in sd if k.startswith("h.")})):

@@ -1,10 +1,11 @@
 """The shape of the repository: one flat file per concern, no import cycle between them (also none hidden
 inside functions), every file opening with the docstring that says what it holds, the functions of the
-reader's path (model.py, dynlora.py, train.py) short enough to read, and no method list written out anywhere
-but in dynlora.py's registry."""
+reader's path (model.py, dynlora.py, train.py) short enough to read, no method list written out anywhere
+but in dynlora.py's registry, and CI running the linter before the tests."""
 
 import ast
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,10 @@ def test_no_import_cycle_between_the_project_files():
 
 
 # What a run needs (train.py, on the reader's path) imports no command, benchmark, report or plot: those
-# modules call into train.py, never the other way. analysis.py is imported for the gates' statistics that a
-# finished run records (analysis.inference_forms); it never imports train.py either.
-TRAIN_MAY_IMPORT = {"model", "dynlora", "data", "runtime", "runs", "readout", "analysis"}
+# modules call into train.py, never the other way; the settings, run folders and result records are runs.py's.
+# analysis.py is imported for the gates' statistics that a finished run records (analysis.inference_forms);
+# it never imports train.py either.
+TRAIN_MAY_IMPORT = {"model", "dynlora", "data", "runtime", "runs", "analysis"}
 TRAIN_MUST_NOT_IMPORT = {"cli", "report", "plots", "planted", "tune", "bench", "zeroshot", "imports"}
 
 
@@ -88,7 +90,8 @@ def method_lists(path: Path, names: set) -> list:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
             listed = [e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in names]
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"[\w-]+(,[\w-]+)+", node.value):
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and re.fullmatch(r"[\w-]+(,[\w-]+)+", node.value)):
             listed = [m for m in node.value.split(",") if m in names]
         else:
             continue
@@ -128,4 +131,15 @@ def test_the_readme_is_a_front_door_whose_map_and_links_are_true():
         for target, anchor in re.findall(r"\]\(([^)#:]*)(?:#([^)]*))?\)", page.read_text()):
             path = page.parent / target if target else page
             assert path.exists(), f"{page.name} links to {target}, which does not exist"
-            assert not anchor or path.suffix != ".md" or anchor in anchors(path), f"{page.name}: no #{anchor} in {target}"
+            assert not anchor or path.suffix != ".md" or anchor in anchors(path), \
+                f"{page.name}: no #{anchor} in {target}"
+
+
+def test_ci_lints_first_with_ruff_toml_settings():
+    """CI (.ci/run) runs `ruff check .` before the tests, with ruff pinned in requirements.txt and its settings in
+    ruff.toml: lines of at most 120 characters, pycodestyle's errors and warnings and pyflakes (E, W, F)."""
+    config = tomllib.loads((REPO / "ruff.toml").read_text())
+    assert config["line-length"] == 120 and set(config["lint"]["select"]) == {"E", "F", "W"}
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "\nruff check ." in ci and ci.index("ruff check .") < ci.index("python -m pytest")
+    assert re.search(r"^ruff==\d+\.\d+\.\d+ ", (REPO / "requirements.txt").read_text(), re.M)

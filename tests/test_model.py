@@ -62,7 +62,8 @@ def test_residual_projections_are_scaled_at_init():
     torch.manual_seed(0)
     model = GPT(preset("cpu", vocab_size=512, n_layer=8))
     expected = 0.02 / math.sqrt(2 * 8)
-    stds = [b.attn.o_proj.weight.std().item() for b in model.blocks] + [b.mlp.fc_out.weight.std().item() for b in model.blocks]
+    stds = [b.attn.o_proj.weight.std().item() for b in model.blocks] + \
+        [b.mlp.fc_out.weight.std().item() for b in model.blocks]
     assert all(abs(s - expected) / expected < 0.05 for s in stds)
     assert abs(model.blocks[0].attn.q_proj.weight.std().item() - 0.02) < 0.001
     assert torch.count_nonzero(model.blocks[0].attn.q_proj.bias) == 0
@@ -179,7 +180,8 @@ def test_saved_configs_without_the_llama_keys_load_as_gpt2():
     saved = {k: v for k, v in preset("cpu").to_dict().items() if k in old_keys}
     c = GPTConfig.from_dict(saved)
     assert c == preset("cpu")
-    assert (c.norm, c.pos, c.mlp, c.kv_heads, c.hidden, c.tie_embeddings) == ("layernorm", "learned", "gelu", 6, 1536, True)
+    assert (c.norm, c.pos, c.mlp, c.kv_heads, c.hidden, c.tie_embeddings) == \
+        ("layernorm", "learned", "gelu", 6, 1536, True)
 
 
 def test_default_config_keeps_gpt2s_parameter_names(cfg):

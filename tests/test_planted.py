@@ -239,7 +239,7 @@ def test_cli_writes_one_line_per_run_and_a_plot_and_resumes(tmp_path):
             args += ["--" + key.replace("_", "-"), value]
     code, message = cli(*args)
     assert code == 0, message
-    lines = [json.loads(l) for l in (res / "planted.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (res / "planted.jsonl").read_text().splitlines()]
     assert [(r["method"], r["seed"]) for r in lines] == [("lora", 0), ("alloc", 0), ("lora", 1), ("alloc", 1)]
     for r in lines:
         assert {"rel_error", "budget_share", "rank_spearman", "wall_s", "machine", "commit", "adapter_config"} <= set(r)

@@ -43,7 +43,8 @@ def test_glue_scores_draws_the_majority_line_or_names_it_when_far_off(tmp_path):
 
 
 def test_glue_paired_stars_an_interval_that_excludes_zero_and_leaves_out_unpaired_methods():
-    intervals = {"RTE": {"alloc": (2.0, 1.0, 3), "gate": (0.5, 2.0, 3), "full": (4.0, None, 1), "adalora": (float("nan"), None, 0)}}
+    intervals = {"RTE": {"alloc": (2.0, 1.0, 3), "gate": (0.5, 2.0, 3), "full": (4.0, None, 1),
+                         "adalora": (float("nan"), None, 0)}}
     fig = plots.glue_paired(intervals, {"RTE": (1.5, 3)}, set(), "t")
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]

@@ -16,7 +16,6 @@ import readout
 import report
 import runs
 import train
-import zeroshot
 from cli import evaluate_run
 from data import Example
 from model import GPT, GPTClassifier
@@ -105,7 +104,8 @@ def test_cache_keys_differ_by_readout_and_template(backbone, tmp_path):
     for name, template in [("cls", None), ("last", None), ("cls-train", None), ("prompt", "{a}\nIt was"),
                            ("prompt", "{a}\nSo:")]:
         ids, _ = data.cached_encode(tok, tok_path, "sst2", "dev", examples, 32, tmp_path, name, template)
-        assert [x.tolist() for x in ids] == [x.tolist() for x in data.encode_examples(tok, examples, 32, name, template)[0]]
+        direct, _ = data.encode_examples(tok, examples, 32, name, template)
+        assert [x.tolist() for x in ids] == [x.tolist() for x in direct]
     assert len(list(tmp_path.glob("SST-2-dev-*.npz"))) == 5
 
 

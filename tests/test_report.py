@@ -233,9 +233,10 @@ def test_the_gates_table_shows_each_suites_input_dependence_mean_over_seeds():
                 gate_mi_label_bits=0.01)
     gates = [{**gate, "seed": 0, "token_share": 0.2, "mean_effective_rank": 5.0, "gate_var_tokens": 0.01},
              {**gate, "seed": 1, "token_share": 0.4, "mean_effective_rank": 6.0, "gate_var_tokens": 0.04},
-             {**gate, "suite": "other", "seed": 0, "token_share": 0.9, "mean_effective_rank": 1.0, "gate_var_tokens": 1}]
+             {**gate, "suite": "other", "seed": 0, "token_share": 0.9, "mean_effective_rank": 1.0,
+              "gate_var_tokens": 1}]
     text = report.render_report(rows, data_dir=FIXTURES, gates=gates)
-    assert "| gate | 0.30 (sd 0.150); 5.5 ± 1.0; 0.010 bit (n=2) |" in text      # the other suite's record is not mixed in
+    assert "| gate | 0.30 (sd 0.150); 5.5 ± 1.0; 0.010 bit (n=2) |" in text  # the other suite's record is not mixed in
     assert "400 dev examples per run" in text
     assert "depend on the input" not in report.render_report(rows, data_dir=FIXTURES)   # no records, no table
 
@@ -249,14 +250,14 @@ def test_comparisons_across_suites_pair_by_task_and_seed_and_sit_after_the_pretr
     suites = report.split_suites(rows)
     diffs = report.cross_suite_diffs(suites, run_, base, "SST-2")
     assert diffs == pytest.approx([1.0, 2.0, 5.0])                                  # 81-80, 83-81, 87-82
-    assert report.cross_suite_diffs(suites, run_, base, "RTE") == []                  # LoRA's RTE run is another suite's
+    assert report.cross_suite_diffs(suites, run_, base, "RTE") == []                # LoRA's RTE run is another suite's
     comparisons = [(run_, base, "why"), (("smollm2-v", "lora"), base, "nothing to pair")]
     table = report.cross_suite_table(suites, comparisons)
     mean, half, n = runs.paired_ci(diffs)
     assert n == 3 and half == pytest.approx(4.303 * np.std([1, 2, 5], ddof=1) / math.sqrt(3), rel=1e-3)
     assert table[1] == "| suite/method − suite/method | question | SST-2 |"           # only the tasks with pairs
     assert table[3] == f"| smollm2-v/gate − smollm2/lora | why | {report._diff_cell((mean, half, n))} |"
-    assert len(table) == 4                                                          # the comparison without pairs: no row
+    assert len(table) == 4                                                          # the unpaired comparison: no row
     def headings():                                                                 # each table's name, in order
         return [line.split(" — ")[0] for line in report.render_report(rows, data_dir=FIXTURES).splitlines()
                 if line.startswith("**Suite") or line.startswith("**Across")]
@@ -309,7 +310,8 @@ def test_the_headline_takes_the_best_resolved_task_and_says_better_tie_or_worse(
              for m, by_task in diffs.items() for t, ds in by_task.items() for s, d in enumerate(ds)]
     rows += [run("SST-2", "dynlora", 0, 0.99, suite="another")]                    # not the headline's suite
     planted_rows = [dict(scenario="input", method=m, seed=s, rel_error=e)
-                    for m, errors in {"lora": [0.5, 0.5, 0.5], "gate": [0.3, 0.31, 0.29], "alloc": [0.5, 0.52, 0.49]}.items()
+                    for m, errors in {"lora": [0.5, 0.5, 0.5], "gate": [0.3, 0.31, 0.29],
+                                      "alloc": [0.5, 0.52, 0.49]}.items()
                     for s, e in enumerate(errors)]
     numbers = report.headline_numbers(rows, planted_rows)
     assert numbers["task"] == "SST-2" and set(numbers["glue"]) == {"alloc", "gate"}     # dynlora is another suite's
@@ -349,7 +351,7 @@ def test_the_committed_results_render_into_the_page_and_the_readme_headline(tmp_
     report.write_report(page, results, data_dir=FIXTURES, readme=readme, figure=tmp_path / "headline.png")
     text, head = page.read_text(), readme.read_text()
     assert "**Suite `smollm2`**" in text and "**Benchmark**" in text and "| scenario | method |" in text
-    assert f"| method − LoRA | GLUE " in head and "old table" not in head and head.endswith("end\n")
+    assert "| method − LoRA | GLUE " in head and "old table" not in head and head.endswith("end\n")
     assert (tmp_path / "headline.png").stat().st_size > 0
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):

@@ -14,7 +14,6 @@ import data
 import dynlora
 import report
 import runs
-import train
 
 from conftest import FIXTURES, NANO, cli
 
@@ -280,7 +279,7 @@ def test_a_flops_percentage_meets_its_target_only_when_its_lowest_round_does():
 
 def test_flag_names_rename_adapter_fields():
     import dataclasses
-    assert set(train.FLAG_NAMES) <= {f.name for f in dataclasses.fields(dynlora.AdapterConfig)}
+    assert set(runs.FLAG_NAMES) <= {f.name for f in dataclasses.fields(dynlora.AdapterConfig)}
     parser = cli_py.build_parser()
     args = parser.parse_args(["finetune", "--method", "lora", "--lora-r", "4", "--target-r", "2"])
     assert args.r == 4 and args.target_r == 2

@@ -51,8 +51,8 @@ def run_fake(backbone, tmp_path, finetune, grid="lr=1e-3,3e-3", methods="full,lo
     cfg = train.FinetuneConfig(backbone=str(backbone), data_dir=str(FIXTURES), batch_size=2, max_len=32, epochs=1)
     spec = tune.TuneConfig(tasks="SST-2", methods=methods, grid=grid, seeds=seeds, val_fraction=0.34,
                            results_dir=str(tmp_path / "results"), out_dir=str(tmp_path / "trials"), **spec)
-    return tune.run(spec, cfg, {}, train.SystemConfig(), finetune=finetune, check=train.check_config,
-                    flag=lambda k: train.flag(k, train.FLAG_NAMES), diverged=train.DivergedError)
+    return tune.run(spec, cfg, {}, train.SystemConfig(), finetune=finetune, check=runs.check_config,
+                    flag=lambda k: runs.flag(k, runs.FLAG_NAMES), diverged=train.DivergedError)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -75,7 +75,8 @@ def test_every_seed_holds_out_the_same_examples_and_max_train_takes_from_the_res
     tok, task, rt = data.load_tokenizer(tok_path), data.get_task("SST-2"), runtime.Runtime(torch.device("cpu"), "fp32")
     built = [runs.build_run_data(task, FIXTURES, tok, tok_path, tmp_path, 32, 2, seed, max_train, rt, val_fraction=0.34)
              for seed, max_train in [(0, 0), (7, 0), (0, 5)]]
-    as_set = lambda ids: {tuple(x) for x in ids}                                                     # noqa: E731
+    def as_set(ids):
+        return {tuple(x) for x in ids}
     held = [as_set(b.dev[data.VALIDATION].ids) for b in built]
     assert held[0] == held[1] == held[2] and len(held[0]) == 4 and all(set(b.dev) == {"validation"} for b in built)
     assert as_set(built[0].train.ids) == as_set(built[1].train.ids) and not held[0] & as_set(built[0].train.ids)
@@ -200,7 +201,8 @@ def choice_file(tmp_path, backbone, **changes) -> str:
 
 
 def test_read_back_applies_the_choice_and_refuses_what_does_not_match(backbone, tmp_path):
-    flag = lambda k: train.flag(k, train.FLAG_NAMES)                                                 # noqa: E731
+    def flag(k):
+        return runs.flag(k, runs.FLAG_NAMES)
     cfg = train.FinetuneConfig(task="sst2", method="lora", backbone=str(backbone), max_len=32, batch_size=2,
                                from_tune=choice_file(tmp_path, backbone))
     applied, overrides = tune.apply_choice(cfg, {"alpha": 8.0}, flag)
@@ -246,7 +248,8 @@ def test_read_back_applies_the_choice_and_refuses_what_does_not_match(backbone, 
     (["--grid", "lr=-1"], "--grid: --lr must be >= 0, got -1"),
     (["--grid", "lr=1e-3;lr=2e-3"], "appears twice"),
     (["--methods", "lora", "--grid", "lora-r=0,4"], "--grid: --lora-r"),
-    (["--methods", "full,lora", "--grid", "lora_r=4,8"], "--lora-r: an adapter setting, and method full has no adapter"),
+    (["--methods", "full,lora", "--grid", "lora_r=4,8"],
+     "--lora-r: an adapter setting, and method full has no adapter"),
     (["--methods", "full,lora", "--grid", "lr=1e-4", "--method-grid", "lora:lr=1e-3,3e-3"],
      "every method must get the same number of trials, but full gets 1, lora gets 2"),
     (["--methods", "lora", "--method-grid", "gate:lr=1e-3"], "--method-grid 'gate:lr=1e-3'"),
