@@ -604,8 +604,8 @@ def tune_progress(lines: list) -> str:
     if not trials:
         return "no tuning trial has finished yet (results/tune.jsonl is empty)"
     cells = sorted({f"{r['task']}/{r['method']}" for r in trials})
-    return (f"{len(trials)} tuning trial(s) finished, on {', '.join(cells)}; choices made: "
-            f"{', '.join(chosen) if chosen else 'none yet'} (results/tune.jsonl)")
+    return (f"{len(trials)} tuning trial(s) finished, on {', '.join(cells)} (task/method); choices made: "
+            f"{', '.join(chosen) if chosen else 'none yet'} (results/tune.jsonl, RESULTS.md's Tuning table)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -339,8 +339,8 @@ def test_the_tune_table_gives_each_cells_trials_and_its_choice():
     assert "| CoLA | lora | 2 | readout=last: 30.0 (s0); readout=prompt: 35.0 (s0) | readout=prompt (35.0) |" in text
     assert text.index("| CoLA | full |") < text.index("| CoLA | lora |")          # the report's method order
     assert report.render_tune([]) == ""
-    assert report.tune_progress(lines) == ("3 tuning trial(s) finished, on CoLA/full, CoLA/lora; choices made: "
-                                           "CoLA/lora (results/tune.jsonl)")
+    assert report.tune_progress(lines) == ("3 tuning trial(s) finished, on CoLA/full, CoLA/lora (task/method); "
+                                           "choices made: CoLA/lora (results/tune.jsonl, RESULTS.md's Tuning table)")
 
 
 def test_the_committed_results_render_into_the_page_and_the_readme_headline(tmp_path):
