@@ -143,3 +143,10 @@ def test_ci_lints_first_with_ruff_toml_settings():
     ci = (REPO / ".ci" / "run").read_text()
     assert "\nruff check ." in ci and ci.index("ruff check .") < ci.index("python -m pytest")
     assert re.search(r"^ruff==\d+\.\d+\.\d+ ", (REPO / "requirements.txt").read_text(), re.M)
+
+
+def test_the_readmes_tutorial_map_lists_every_notebook_in_order():
+    """The README's numbered tutorial list links each notebook of notebooks/ once, in the notebooks' order."""
+    readme = (REPO / "README.md").read_text()
+    listed = re.findall(r"^\d+\. \[`[^`]+`\]\(notebooks/([\w.]+\.ipynb)\)", readme, re.M)
+    assert listed == sorted(p.name for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")), listed
