@@ -38,7 +38,7 @@ What this file holds, in order:
                                      RESUME_MAY_CHANGE, adapter_config_of (a method's defaults and the flags).
   9. A run's setup and end        -- check_pretrain / check_finetune (every setting and output folder, before
                                      any work), finetune_inputs, start_finetune, save_best, diverged_message,
-                                     finish_pretrain (the backbone folder), finish_finetune (the result record).
+                                     finish_pretrain (the backbone folder), write_finetune_result (the result record).
 
 Nothing here trains: train.py decides what to write and when; this file decides how.
 """
@@ -1245,7 +1245,7 @@ def diverged_message(run, what: str, step: int, epoch: int | None) -> str:
             f"the run again")
 
 
-def finish_finetune(run, wall: float, final: dict, inference: dict) -> dict:
+def write_finetune_result(run, wall: float, final: dict, inference: dict) -> dict:
     """The result record of a fine-tuning run whose best model is restored: the best epoch's and the last
     epoch's scores, final (the trained model's adapter size and ranks), inference (the deployed forms), the
     costs; appended to the results file, then final.json, then the plots (rank 0)."""

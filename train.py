@@ -541,7 +541,7 @@ def end_of_epoch(run: FinetuneRun, epoch: int, wall_s: float):
 
 
 def finish_finetune(run: FinetuneRun, wall: float) -> dict:
-    """The result record (runs.finish_finetune writes it): the best and the last epoch's dev scores, and the
+    """The result record (runs.write_finetune_result writes it): the best and the last epoch's dev scores, and the
     best model restored and scored as it is deployed (merged, gates frozen to their mean)."""
     # The model at the end of training, whose last-epoch dev score is `last_score`: the number the report
     # compares (for an allocating method it is also the model at the target budget).
@@ -552,7 +552,7 @@ def finish_finetune(run: FinetuneRun, wall: float) -> dict:
     runs.restore_best(run.model, run.out, run.cfg.method)            # the saved model is the best epoch's
     inference = analysis.inference_forms(run.model, run.adapter_cfg, run.data, run.config.pad_id, run.out, run.rt,
                                          lambda m: evaluate(m, run.task, run.data.dev, run.rt)) if adapters else {}
-    return runs.finish_finetune(run, wall, final, inference)
+    return runs.write_finetune_result(run, wall, final, inference)
 
 
 # ---------------------------------------------------------------------------------------------------------
