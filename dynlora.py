@@ -259,9 +259,12 @@ class LoRALinear(nn.Module):
         if self.merged:
             return out                                       # the update already lives in base.weight
         x = self.dropout(x)
-        z = F.linear(x, self.scaled_A())                     # (..., d_in) @ (d_in, r) -> (..., r)
-        if self.gate is not None and not self.gate.is_frozen:
-            z = z * self.gate(z, self.mask if self.masked else None, x)  # (..., r) * (..., r): z_i scaled by g_i(x)
+        gate = self.gate if self.gate is not None and not self.gate.is_frozen else None
+        if gate is None:
+            z = F.linear(x, self.scaled_A())                 # (..., d_in) @ (d_in, r) -> (..., r)
+        else:   # one GEMM gives z and what the gate reads of x: u = [diag(c) A; P] x
+            u = F.linear(x, gate.rows(self.scaled_A()))      # (..., d_in) @ (d_in, r + p) -> (..., r + p)
+            z = u[..., :self.r] * gate(u, self.mask if self.masked else None)  # (..., r) * (..., r): g_i(x) z_i
         # out + s * z B^T as one GEMM (addmm, alpha = s): no separate pass over the (..., d_out) output.
         out2d = out.reshape(-1, self.d_out)                  # (..., d_out) -> (N, d_out), a view
         z2d = z.reshape(-1, self.r)                          # (..., r) -> (N, r), a view
@@ -431,7 +434,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 # how. Ours gives each of the r rank components a gate that depends on the token:
 #
 #     z = A x in R^r                                  (already computed by LoRA)
-#     q = P x in R^p                                  (P: p x d_in, p = gate_x_dims, 1 by default)
+#     q = P x in R^p                                  (P: p x d_in, p = gate_x_dims, 1 by default; [z; q] = [A; P] x)
 #     g(x) = sigmoid(W_g [z; q] + c) in [0,1]^r       (W_g: r x (r + p), c: r)
 #     dW x = s * B diag(m * g(x)) A x                 (m: the allocation mask of chapter 3, 1 without allocation)
 #
@@ -467,8 +470,13 @@ class Gate(Protocol):
     last_mean: torch.Tensor | None      # mean of m * g over the last forward pass; regularization_loss takes it
     recorder: Callable | None           # while set (analysis.py), called as recorder(g, mask) on every forward
 
-    def forward(self, z: torch.Tensor, mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        """g (..., r) in [0, 1] for the rank components z (..., r) of the input x (..., d_in); mask (r,) or None."""
+    def rows(self, A: torch.Tensor) -> torch.Tensor:
+        """The rows of the layer's one GEMM u = rows x: A (r, d_in), the layer's diag(c) A, then any of the
+        gate's own rows (P for RankGate), so that u = [z; P x] (..., r + p) costs one pass over x."""
+
+    def forward(self, u: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """g (..., r) in [0, 1] from u = rows(A) x (..., r + p), whose first r entries are the components z;
+        mask (r,) or None."""
 
     def freeze(self, mean_gate: torch.Tensor) -> None:
         """From now on use the static vector mean_gate (r,) instead of g(x)."""
@@ -511,10 +519,14 @@ class RankGate(nn.Module):
         self.last_mean = None
         self.recorder = None
 
-    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
-        if self.x_dims:
-            z = torch.cat([z, F.linear(x, self.proj)], dim=-1)    # (..., r) ++ (..., p) -> (..., r + p)
-        g = torch.sigmoid(F.linear(z, self.weight, self.bias))    # (..., r + p) @ (r + p, r) + (r,) -> (..., r)
+    def rows(self, A: torch.Tensor) -> torch.Tensor:
+        """[A; P] (r + p, d_in): the layer's one GEMM then gives u = [z; P x]. Fused rather than a second
+        GEMM P x, because the backward pass of a separate one writes and adds a whole (..., d_in) gradient
+        of x for p numbers per token: a memory cost out of all proportion to the gate's few FLOPs."""
+        return torch.cat([A, self.proj]) if self.x_dims else A    # (r, d_in) ++ (p, d_in) -> (r + p, d_in)
+
+    def forward(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        g = torch.sigmoid(F.linear(u, self.weight, self.bias))    # (..., r + p) @ (r + p, r) + (r,) -> (..., r)
         self.record(g, mask)
         return g
 

@@ -218,8 +218,10 @@ def planted_scenario(rows: list, scenario: str, path) -> Path:
         ax3.set_xticks(range(len(gated)), gated)
         ax3.set_ylim(0, 1.05)
         ax3.legend(fontsize=7)
-    ax3.set(title="input dependence of the gates (held-out tokens)")
-    ax3.grid(alpha=0.3)
+        ax3.set(title="input dependence of the gates (held-out tokens)")
+        ax3.grid(alpha=0.3)
+    else:
+        ax3.set_axis_off()                                  # no gating method among these rows: nothing to show
     _save(fig, path)
     return path
 

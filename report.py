@@ -25,9 +25,10 @@ What this file holds, in order:
                       target marked ✓ or ✗ missed (target_met).
   5. render_import -- the check of an imported backbone (results/import.json).
   6. render_tune   -- the tuning trials and choices so far (results/tune.jsonl, written by tune.py).
-  7. The headline  -- headline_numbers, render_headline: one small table for the README (each dynamic method
-                      against LoRA on the GLUE task its seeds resolve best, and on the known-answer benchmark's
-                      scenarios), with the tuning's progress; plots.headline draws it (results/headline.png).
+  7. The headline  -- headline_numbers; conclusion: the answer in words (the README's opening, notebook 7's
+                      end); render_headline: one small table for the README (each dynamic method against LoRA
+                      on the GLUE task its seeds resolve best, and on the known-answer benchmark's scenarios);
+                      plots.headline draws it (results/headline.png).
   8. write_report  -- all of it: the tables between RESULTS.md's <!-- results:start --> and <!-- results:end -->,
                       the headline between the README's <!-- headline:start --> and <!-- headline:end -->.
 
@@ -54,6 +55,7 @@ RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 README = runs.REPO / "README.md"            # the front door: only the headline is generated
 HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
 HEADLINE_SUITE = "smollm2"                  # the suite whose paired differences the headline shows
+HEADLINE_SUITE_LABEL = "SmolLM2-135M, the short CPU recipe"      # what that suite is, in the headline's words
 HEADLINE_FIGURE = "headline.png"            # in the results folder: the headline drawn (plots.headline)
 
 TASK_ORDER = ["CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "WNLI"]
@@ -569,30 +571,50 @@ def render_import(record: dict) -> str:
 # 6. The tuning so far: each task and method's trials (scored on held-out training data, never on dev) and
 # its choice once all its trials are in.
 
+def _fixed(line: dict) -> dict:
+    """The fixed recipe a trial or choice ran at (its recipe and adapter flags), as one flat dict."""
+    return {**line.get("recipe", {}), **line.get("adapter", {})}
+
+
 def render_tune(lines: list) -> str:
-    """The trials and choices of results/tune.jsonl (tune.py): per task and method, each setting's validation
-    score(s) of the final model, and the chosen setting; '' without lines."""
+    """The trials and choices of results/tune.jsonl (tune.py): one row per stage of a task and method -- each
+    choice line with the trials it chose among, then the trials no choice covers yet, grouped by their fixed
+    recipe -- with each setting's validation score(s) of the final model; the "fixed" column names what of the
+    fixed recipe differs between the rows (e.g. a stage run at an earlier stage's chosen readout); '' without
+    lines."""
     trials = [r for r in lines if r.get("kind") == "trial"]
-    choices = {(r["task"], r["method"]): r for r in lines if r.get("kind") == "choice"}   # the last one counts
     if not trials:
         return ""
+    by_id = {r.get("trial_id"): r for r in trials}
+    rows = []                                          # (task, method, fixed recipe, [trial lines], choice or None)
+    for choice in (r for r in lines if r.get("kind") == "choice"):
+        mine = [by_id[i] for i in choice.get("trial_ids", []) if i in by_id]
+        rows.append((choice["task"], choice["method"], _fixed(choice), mine, choice))
+    covered = {id(r) for row in rows for r in row[3]}
+    groups = {}
+    for r in trials:
+        if id(r) not in covered:
+            key = (r["task"], r["method"], json.dumps(_fixed(r), sort_keys=True))
+            groups.setdefault(key, []).append(r)
+    rows += [(task, method, json.loads(fixed), mine, None) for (task, method, fixed), mine in groups.items()]
+    common = set.intersection(*({(k, json.dumps(v)) for k, v in row[2].items()} for row in rows))
     order = {m: i for i, m in enumerate(dynlora.method_names())}
-    cells = sorted({(r["task"], r["method"]) for r in trials},
-                   key=lambda tm: (TASK_ORDER.index(tm[0]) if tm[0] in TASK_ORDER else len(TASK_ORDER), tm[0],
-                                   order.get(tm[1], len(order)), tm[1]))
+    rows.sort(key=lambda row: (TASK_ORDER.index(row[0]) if row[0] in TASK_ORDER else len(TASK_ORDER), row[0],
+                               order.get(row[1], len(order)), row[1], row[4] is None))
     out = ["**Tuning** (`python cli.py tune`, results/tune.jsonl): each setting scored on held-out *training* "
            "examples (`--val-fraction`), never on dev -- the validation score x 100 of the model at the end of "
-           "training, per seed; the choice is the best mean (docs/reproduce.md, the tune protocol).\n",
-           "| task | method | trials | setting: validation score | choice |", "|---|---|---|---|---|"]
-    for task, method in cells:
-        mine = [r for r in trials if (r["task"], r["method"]) == (task, method)]
+           "training, per seed; the choice is the best mean (docs/reproduce.md, the tune protocol). A row is one "
+           "stage: its choice and the trials it chose among; *fixed* is what of the fixed recipe differs between "
+           "the rows.\n",
+           "| task | method | fixed | trials | setting: validation score | choice |", "|---|---|---|---|---|---|"]
+    for task, method, fixed, mine, choice in rows:
+        shown = tune.describe({k: v for k, v in fixed.items() if (k, json.dumps(v)) not in common}) or "—"
         tried = "; ".join(f"{tune.describe(r['setting'])}: "
                           + ("diverged" if r.get("val_score") is None else _points(100 * r["val_score"]))
                           + f" (s{r['seed']})" for r in mine)
-        choice = choices.get((task, method))
         chosen = (f"{tune.describe(choice['setting'])} ({_points(100 * choice['val_score'])})" if choice
                   else "not yet: trials running")
-        out.append(f"| {task} | {method} | {len(mine)} | {tried} | {chosen} |")
+        out.append(f"| {task} | {method} | {shown} | {len(mine)} | {tried} | {chosen} |")
     commits = sorted({r["commit"] for r in trials if r.get("commit")})
     return "\n".join(out) + f"\n\nCommits: {', '.join(commits) or '—'}.\n"
 
@@ -656,14 +678,14 @@ PLANTED_LABELS = {"heterogeneous": "rank planted in a few layers", "input": "upd
                   "homogeneous": "control: LoRA's own structure"}
 
 
-def render_headline(numbers: dict, tune_lines: list = ()) -> str:
+def render_headline(numbers: dict) -> str:
     """The README's headline table of headline_numbers (each dynamic method minus LoRA, with a verdict: better
-    or worse where the 95% interval excludes 0, else tie) and a line on the tuning's progress."""
+    or worse where the 95% interval excludes 0, else tie) and what its columns are."""
     task, known = numbers["task"], numbers["planted"]
     scenarios = [s for s in planted.SCENARIOS if s in known]
     methods = list(dict.fromkeys(list(numbers["glue"]) + [m for s in scenarios for m in known[s]]))
     if not methods:
-        return f"No results yet: `python cli.py report` fills this table from results/; {tune_progress(tune_lines)}.\n"
+        return "No results yet: `python cli.py report` fills this table from results/.\n"
     head = ["method − LoRA"]
     if task:
         half, n = numbers["resolvable"]
@@ -688,15 +710,70 @@ def render_headline(numbers: dict, tune_lines: list = ()) -> str:
     notes = []
     if task:
         half, n = numbers["resolvable"]
-        notes.append(f"GLUE: suite `{numbers['suite']}` (SmolLM2-135M, the short CPU recipe), dev score x 100 of the "
+        notes.append(f"GLUE: suite `{numbers['suite']}` ({HEADLINE_SUITE_LABEL}), dev score x 100 of the "
                      f"final model minus LoRA's, paired by seed; {task} is the task whose seeds resolve the "
                      f"smallest difference (±{half:.1f} points, n={n}); the other tasks count the intervals that "
                      f"exclude 0.")
     if scenarios:
         notes.append("Known answer: `python cli.py planted`, relative error of the student minus LoRA's (lower is "
                      "better), paired by seed.")
-    notes.append(f"Tuned recipe: {tune_progress(tune_lines)}.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+# What each known-answer scenario is built to reward (planted.py): the methods expected to beat LoRA there.
+EXPECTED_WINNERS = {"heterogeneous": lambda preset: preset["allocation"], "input": lambda preset: preset["gating"],
+                    "homogeneous": lambda preset: False}
+
+
+def _names(methods) -> str:
+    methods = list(methods)
+    return ", ".join(methods[:-1]) + " and " + methods[-1] if len(methods) > 1 else (methods or ["none"])[0]
+
+
+def conclusion(numbers: dict, tune_lines: list = ()) -> str:
+    """The answer in words, from headline_numbers: what the GLUE suite's intervals and the known-answer
+    scenarios say, and how far the tuned recipe has come. The README opens with it and notebook 7 ends with
+    it, so that no sentence of either can drift from the numbers."""
+    out = []
+    task = numbers["task"]
+    if task:
+        half, n = numbers["resolvable"]
+        glue = numbers["glue"]
+        verdicts = {m: _verdict(mean - h, mean + h, True) if h is not None else "tie" for m, (mean, h, _) in
+                    glue.items()}
+        better = [m for m, v in verdicts.items() if v == "better"]
+        others = numbers["others"]
+        n_other = sum(sum(c) for c in others.values())
+        other_better = [m for m, c in others.items() if c[0]]
+        worse = sum(c[2] for c in others.values()) + sum(v == "worse" for v in verdicts.values())
+        verdict = (f"**{_names(better)} beat{'s' if len(better) == 1 else ''} LoRA** on {task}" if better else
+                   "**no dynamic variant beats LoRA**" if not other_better else
+                   f"no dynamic variant beats LoRA on {task}, but {_names(other_better)} on another task")
+        out.append(f"On GLUE (suite `{numbers['suite']}`: {HEADLINE_SUITE_LABEL}), {verdict}: on {task}, the "
+                   f"task whose seeds resolve the smallest difference (±{half:.1f} points, n={n}), "
+                   + ("the intervals of " + _names(better) + " lie above 0" if better else
+                      "every interval contains 0 or lies below it")
+                   + f"; on the other tasks, {sum(c[0] for c in others.values())} of {n_other} intervals lie above "
+                   f"0, and over all tasks {worse} {'lies' if worse == 1 else 'lie'} below it (LoRA better).")
+    known = numbers["planted"]
+    if known:
+        parts, as_expected = [], True
+        for scenario in (s for s in planted.SCENARIOS if s in known):
+            verdicts = {m: _verdict(low, high, False) for m, (_, low, high) in known[scenario].items()}
+            won = [m for m, v in verdicts.items() if v == "better"]
+            lost = [m for m, v in verdicts.items() if v == "worse"]
+            expected = [m for m in known[scenario] if EXPECTED_WINNERS[scenario](dynlora.METHODS[m])]
+            as_expected &= set(won) == set(expected)
+            parts.append(f"{PLANTED_LABELS.get(scenario, scenario)}: {_names(won)}"
+                         + ("" if set(won) == set(expected) else f" (expected: {_names(expected)})")
+                         + (f", while {_names(lost)} {'does' if len(lost) == 1 else 'do'} worse" if lost else ""))
+        out.append("On the known-answer benchmark, the methods whose intervals put them ahead of LoRA are, per "
+                   "scenario -- "
+                   + "; ".join(parts) + ". "
+                   + ("**Each mechanism wins where it should**, and only there." if as_expected else
+                      "**Not every mechanism wins where it should** (see the expected winners named above)."))
+    out.append(f"Tuned recipe: {tune_progress(tune_lines)}.")
+    return "\n\n".join(out) + "\n"
 
 
 def _headline_glue_cell(interval) -> str:
@@ -746,6 +823,6 @@ def write_report(page: Path = RESULTS_PAGE, results_dir: Path = runs.RESULTS_DIR
     _fill(page, RESULTS_START, RESULTS_END, report)
     if readme is not None:
         numbers = headline_numbers(results, planted_rows)
-        _fill(readme, HEADLINE_START, HEADLINE_END, render_headline(numbers, tune_lines))
+        _fill(readme, HEADLINE_START, HEADLINE_END, conclusion(numbers, tune_lines) + "\n" + render_headline(numbers))
         plots.headline(numbers, results_dir / HEADLINE_FIGURE if figure is None else figure)
     return report

@@ -206,6 +206,18 @@ def split_setting(setting: dict, base) -> tuple[dict, dict]:
     return {k: v for k, v in setting.items() if k in fin}, {k: v for k, v in setting.items() if k not in fin}
 
 
+def without_defaults(method: str, overrides: dict) -> dict:
+    """The adapter overrides that differ from the method's defaults: a setting equal to its default trains the
+    same run, so it must give the same trial id (e.g. LoRA's default targets named in a grid of targets)."""
+    if method == dynlora.FULL:
+        return dict(overrides)
+    default = dynlora.config_for_method(method)
+
+    def same(key, value):
+        return hasattr(default, key) and getattr(default, key) == (tuple(value) if isinstance(value, list) else value)
+    return {k: v for k, v in overrides.items() if not same(k, v)}
+
+
 def recipe_of(cfg) -> dict:
     """The training-shaping FinetuneConfig settings of a run (not WHERE, task, method, seed, val_fraction)."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in WHERE | NOT_RECIPE}
@@ -298,7 +310,7 @@ def trial_config(spec: TuneConfig, base, adapter: dict, task: str, method: str, 
     fin, ad = split_setting(setting, base)
     cfg = dataclasses.replace(base, task=task, method=method, seed=seed, val_fraction=spec.val_fraction, suite="",
                               **fin)
-    overrides = {**adapter, **ad}
+    overrides = without_defaults(method, {**adapter, **ad})
     trial_id = digest({"task": task, "method": method, "seed": seed, "val_fraction": spec.val_fraction,
                        "backbone_sha256": sha, "recipe": recipe_of(cfg), "adapter": overrides})
     out = repo_path(spec.out_dir)

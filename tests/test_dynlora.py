@@ -387,6 +387,31 @@ def test_a_gate_leaves_the_initialisation_of_the_same_shapes_unchanged(pair):
     assert torch.equal(gates[0].proj, adapter_layers(again)[0][1].gate.proj)
 
 
+def test_gated_layer_is_the_formula_forward_and_backward():
+    """h = W0 x + b + s B diag(m * g(x)) A x, g = sigmoid(W_g [A x; P x] + c), p = 2, with a switched-off
+    component: the layer's one GEMM over [A; P] gives the formula's output and every gradient."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 10), r=4, alpha=8.0, masked=True, gate=RankGate(4, d_in=12, x_dims=2))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.gate.weight.normal_()
+        layer.mask[2] = 0
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    A, B, P, W, c = layer.lora_A, layer.lora_B, layer.gate.proj, layer.gate.weight, layer.gate.bias
+    m = layer.mask
+    z = x @ (A * m[:, None]).t()                                            # (3, 5, 4)
+    g = torch.sigmoid(torch.cat([z, x @ P.t()], -1) @ W.t() + c)            # (3, 5, 6) @ (6, 4) -> (3, 5, 4)
+    expected = layer.base(x) + 2.0 * (z * g) @ B.t()                        # s = alpha / r = 2
+    params = [x, A, B, P, W, c]
+    want = torch.autograd.grad((expected * torch.linspace(-1, 1, 10)).sum(), params)
+    got_h = layer(x)
+    assert torch.allclose(got_h, expected, atol=1e-5)
+    got = torch.autograd.grad((got_h * torch.linspace(-1, 1, 10)).sum(), params)
+    for name, a, b in zip(["x", "A", "B", "P", "W_g", "c"], got, want):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert torch.equal(got[1][2], torch.zeros(12))                          # a switched-off row gets no gradient
+
+
 def test_open_gate_reproduces_static_lora():
     torch.manual_seed(0)
     base = nn.Linear(12, 10)
@@ -491,8 +516,8 @@ def test_frozen_gate_is_the_mean_gate_and_survives_save_load(tmp_path):
 class HalfGate(RankGate):
     """A replacement gate for the tests: g = 1/2 for every token and component, whatever z."""
 
-    def forward(self, z, mask=None, x=None):
-        g = torch.full_like(z, 0.5)                              # (..., r)
+    def forward(self, u, mask=None):
+        g = u.new_full((*u.shape[:-1], self.r), 0.5)             # (..., r + p) -> (..., r)
         self.record(g, mask)
         return g
 

@@ -21,8 +21,8 @@ from conftest import FIXTURES, REPO
 class HalfGate(dynlora.RankGate):
     """A toy gate: the first half of the rank components always open (g = 1), the other half always closed."""
 
-    def forward(self, z, mask=None, x=None):
-        g = (torch.arange(self.r, device=z.device) < self.r // 2).to(z.dtype).expand_as(z)   # (..., r)
+    def forward(self, u, mask=None):                 # u = [z; P x] (..., r + p): read only for its shape here
+        g = (torch.arange(self.r, device=u.device) < self.r // 2).to(u.dtype).expand(*u.shape[:-1], self.r)
         self.record(g, mask)                       # the penalty's record (and the recorders') of every gate
         return g
 

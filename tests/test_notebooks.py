@@ -2,7 +2,9 @@
 
 Each notebook is read into memory and executed by nbclient in a fresh kernel of this Python (the kernel's
 working folder is notebooks/, as when a reader opens it there); the executed copy is discarded, so nothing is
-written back into the repository. Any error in any cell fails the test, naming the cell.
+written back into the repository. Any error in any cell fails the test, naming the cell. The exercises'
+solutions, folded in Markdown <details> blocks, run too, each where its Markdown cell stands
+(tutorial.with_solutions).
 
 The notebooks find GLUE through $GLUE_DIR, ../shared/glue beside the repository or ./data/glue; these tests
 point $GLUE_DIR at the test fixtures, on which every notebook runs at its "tiny" scale (tutorial.glue_data), so
@@ -20,6 +22,7 @@ import pytest
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell
 
+import tutorial
 from conftest import FIXTURES
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -41,7 +44,7 @@ def test_the_tutorial_is_seven_numbered_notebooks():
 def test_notebook_runs_top_to_bottom(path, shared_tmp, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(shared_tmp))            # the kernel inherits it: tempfile uses this folder
     monkeypatch.setenv("GLUE_DIR", str(FIXTURES))            # and this: the tiny scale (see the docstring)
-    nb = nbformat.read(path, as_version=4)
+    nb = tutorial.with_solutions(nbformat.read(path, as_version=4))   # the folded solutions' code runs too
     # First, make sure the kernel is this Python (the venv with the repository's requirements).
     nb.cells.insert(0, new_code_cell(f"import sys\nassert sys.prefix == {sys.prefix!r}, sys.prefix"))
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", record_timing=False,
@@ -51,3 +54,34 @@ def test_notebook_runs_top_to_bottom(path, shared_tmp, monkeypatch):
     assert sorted(NOTEBOOK_DIR.rglob("*")) == before, "a notebook wrote files into its working folder"
     errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
     assert not errors, errors
+
+
+def test_solutions_are_folded_and_run_where_they_stand(tmp_path):
+    """A solution's code runs after its Markdown cell (it sees the state there), and execute(write=True) stores
+    what it printed inside its <details> block, replacing what an earlier run printed."""
+    md = ("## Solutions\n\n<details><summary>Solution 1</summary>\n\nWhy.\n\n```python\nprint(x * 2)\n```\n\n"
+          "It printed:\n\n```text\nstale\n```\n\n</details>")
+    nb = nbformat.v4.new_notebook(cells=[new_code_cell("x = 21"), nbformat.v4.new_markdown_cell(md),
+                                         new_code_cell("x = 0")])
+    assert tutorial.solutions(md) == ["print(x * 2)\n"]
+    assert tutorial.solutions(md.replace("<details>", "").replace("</details>", "")) == []   # only folded code
+    assert [c.source for c in tutorial.with_solutions(nb).cells] == ["x = 21", md, "print(x * 2)", "x = 0"]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    tutorial.execute(path, write=True, timeout=60)
+    again = nbformat.read(path, as_version=4)
+    assert [c.cell_type for c in again.cells] == ["code", "markdown", "code"]   # no solution cell left behind
+    assert again.cells[1].source == md.replace("stale", "42")
+    tutorial.execute(path, write=True, timeout=60)                             # idempotent
+    assert nbformat.read(path, as_version=4).cells[1].source == md.replace("stale", "42")
+
+
+def test_no_code_cell_is_hidden():
+    """Solutions fold in Markdown: a code cell's source_hidden flag shows it in full on GitHub."""
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        hidden = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"
+                  and c.metadata.get("jupyter", {}).get("source_hidden")]
+        assert not hidden, f"{path.name}: code cells {hidden} are hidden; fold a solution in a <details> block"
+        text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+        assert text.count("<details>") == text.count("</details>"), f"{path.name}: a <details> block is not closed"

@@ -185,8 +185,8 @@ def test_heterogeneous_a_broken_allocator_does_not(tiny, monkeypatch):
 class ConstantGate(dynlora.RankGate):
     """A gate forced constant: g = sigmoid(c) for every token (c still learns; W_g and P are never used)."""
 
-    def forward(self, z, mask=None, x=None):
-        g = torch.sigmoid(self.bias).expand_as(z)                               # (r,) -> (..., r)
+    def forward(self, u, mask=None):
+        g = torch.sigmoid(self.bias).expand(*u.shape[:-1], self.r)              # (r,) -> (..., r)
         self.record(g, mask)
         return g
 

@@ -317,29 +317,54 @@ def test_the_headline_takes_the_best_resolved_task_and_says_better_tie_or_worse(
     assert numbers["task"] == "SST-2" and set(numbers["glue"]) == {"alloc", "gate"}     # dynlora is another suite's
     assert numbers["glue"]["gate"] == runs.paired_ci(report.paired_diffs(rows, "SST-2", "gate"))
     assert numbers["others"] == {"alloc": [0, 0, 1], "gate": [0, 1, 0]}
-    text = report.render_headline(numbers, [])
+    text = report.render_headline(numbers)
     half = 4.303 * np.std([0.30, 0.31, 0.32], ddof=1) / math.sqrt(3)                # [+0.29, +0.33]: excludes 0
     assert f"| gate | +0.3 [{0.31 - half:+.1f}, {0.31 + half:+.1f}] **better** | 0 / 1 / 0 |" in text
     assert "| alloc | -0.7 [" in text and "] tie | 0 / 0 / 1 |" in text
     gate_known = table_line(text, "| gate |").split(" | ")[-1]
     assert gate_known.startswith("-0.200 [") and gate_known.endswith("**better** |")          # lower error: better
     assert table_line(text, "| alloc |").endswith("tie |")
-    assert "no tuning trial has finished yet" in text
     assert "No results yet" in report.render_headline(report.headline_numbers([], []))
+    # The same numbers in words: gate's SST-2 interval lies above 0, alloc's RTE one below; in the known-answer
+    # input scenario gate wins (expected: the gating methods present) and alloc ties (not expected to win).
+    words = report.conclusion(numbers, [])
+    assert "**gate beats LoRA** on SST-2" in words and "the intervals of gate lie above 0" in words
+    assert "0 of 2 intervals lie above 0, and over all tasks 1 lies below it (LoRA better)" in words
+    assert "updates that depend on the token: gate." in words and "**Each mechanism wins where it should**" in words
+    assert "no tuning trial has finished yet" in words
+    tie = {**numbers, "glue": {m: (0.0, 1.0, 3) for m in numbers["glue"]}, "others": {"gate": [0, 1, 0]}}
+    assert "**no dynamic variant beats LoRA**" in report.conclusion(tie)
+    wrong = {**numbers, "planted": {"input": {"alloc": (-0.1, -0.2, -0.05), "gate": (0.0, -0.1, 0.1)}}}
+    words = report.conclusion(wrong)       # alloc wins where only gating should: said, with who was expected
+    assert "updates that depend on the token: alloc (expected: gate)" in words
+    assert "**Not every mechanism wins where it should**" in words
+    assert report.conclusion({"task": None, "planted": {}}, []).startswith("Tuned recipe: no tuning trial")
 
 
-def test_the_tune_table_gives_each_cells_trials_and_its_choice():
-    trial = dict(kind="trial", task="CoLA", split="validation", commit="c")
-    lines = [{**trial, "method": "lora", "seed": 0, "setting": {"readout": r}, "val_score": v}
+def test_the_tune_table_gives_each_stage_its_trials_and_its_choice():
+    trial = dict(kind="trial", task="CoLA", split="validation", commit="c", recipe={"max_len": 256})
+    lines = [{**trial, "method": "lora", "seed": 0, "setting": {"readout": r}, "val_score": v, "trial_id": r}
              for r, v in [("last", 0.30), ("prompt", 0.35)]]
-    lines += [{**trial, "method": "full", "seed": 0, "setting": {"readout": "cls"}, "val_score": None},
-              dict(kind="choice", task="CoLA", method="lora", setting={"readout": "prompt"}, val_score=0.35)]
+    lines += [{**trial, "method": "full", "seed": 0, "setting": {"readout": "cls"}, "val_score": None,
+               "trial_id": "f"},
+              dict(kind="choice", task="CoLA", method="lora", setting={"readout": "prompt"}, val_score=0.35,
+                   recipe={"max_len": 256}, trial_ids=["last", "prompt"])]
+    # Stage 2 at the chosen readout: one trial new, one shared with stage 1 (the same trial id), no choice yet.
+    stage2 = {**trial, "recipe": {"max_len": 256, "readout": "prompt"}, "method": "lora", "seed": 0}
+    lines += [{**stage2, "setting": {"lr": 0.01}, "val_score": 0.4, "trial_id": "lr"}]
     text = report.render_tune(lines)
-    assert "| CoLA | full | 1 | readout=cls: diverged (s0) | not yet: trials running |" in text
-    assert "| CoLA | lora | 2 | readout=last: 30.0 (s0); readout=prompt: 35.0 (s0) | readout=prompt (35.0) |" in text
-    assert text.index("| CoLA | full |") < text.index("| CoLA | lora |")          # the report's method order
+    assert "| CoLA | full | — | 1 | readout=cls: diverged (s0) | not yet: trials running |" in text
+    assert ("| CoLA | lora | — | 2 | readout=last: 30.0 (s0); readout=prompt: 35.0 (s0) | readout=prompt (35.0) |"
+            in text)
+    assert "| CoLA | lora | readout=prompt | 1 | lr=0.01: 40.0 (s0) | not yet: trials running |" in text
+    assert text.index("| CoLA | full |") < text.index("| CoLA | lora | — |") < text.index("readout=prompt | 1 |")
+    lines.append(dict(kind="choice", task="CoLA", method="lora", setting={"lr": 0.01}, val_score=0.4,
+                      recipe={"max_len": 256, "readout": "prompt"}, trial_ids=["prompt", "lr"]))
+    text = report.render_tune(lines)      # the stage-2 choice row now holds the shared trial too
+    assert "| CoLA | lora | readout=prompt | 2 | readout=prompt: 35.0 (s0); lr=0.01: 40.0 (s0) | lr=0.01 (40.0) |" \
+        in text and "not yet" in text.split("| CoLA | lora |")[0]
     assert report.render_tune([]) == ""
-    assert report.tune_progress(lines) == ("3 tuning trial(s) finished, on CoLA/full, CoLA/lora (task/method); "
+    assert report.tune_progress(lines) == ("4 tuning trial(s) finished, on CoLA/full, CoLA/lora (task/method); "
                                            "choices made: CoLA/lora (results/tune.jsonl, RESULTS.md's Tuning table)")
 
 

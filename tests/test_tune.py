@@ -269,3 +269,16 @@ def test_a_finetune_validation_fraction_too_small_for_a_batch(backbone, tmp_path
     code, message = cli("finetune", "--task", "SST-2", "--method", "lora", "--backbone", backbone, *TINY,
                         "--out-dir", tmp_path / "run", "--results-dir", tmp_path / "results", "--val-fraction", "0.05")
     assert code == 1 and "--val-fraction 0.05 holds out 1 of SST-2's 12" in message
+
+
+def test_a_setting_equal_to_the_methods_default_is_the_same_trial():
+    """Naming LoRA's default targets in a grid (q,v against all projections) must not train q,v again: the trial
+    id of a setting equal to its default is the id of the run without it; another value is another trial."""
+    spec = tune.TuneConfig(tasks="CoLA", methods="lora", val_fraction=0.1)
+    base = train.FinetuneConfig(task="CoLA", max_len=32, lr=1e-3)
+    def tid(method, setting):
+        return tune.trial_config(spec, base, {}, "CoLA", method, setting, 0, "sha")[2]
+    assert tid("lora", {"targets": ["q_proj", "v_proj"]}) == tid("lora", {}) == tid("lora", {"r": 8})
+    assert tid("lora", {"targets": ["q_proj", "k_proj", "v_proj"]}) != tid("lora", {})
+    assert tid("lora", {"r": 4}) != tid("lora", {}) and tid("full", {}) != tid("lora", {})
+    assert tid("lora", {"lr": 1e-3}) == tid("lora", {})          # a finetune setting at the recipe's own value
