@@ -604,8 +604,8 @@ def render_tune(lines: list) -> str:
     out = ["**Tuning** (`python cli.py tune`, results/tune.jsonl): each setting scored on held-out *training* "
            "examples (`--val-fraction`), never on dev -- the validation score x 100 of the model at the end of "
            "training, per seed; the choice is the best mean (docs/reproduce.md, the tune protocol). A row is one "
-           "stage: its choice and the trials it chose among; *fixed* is what of the fixed recipe differs between "
-           "the rows.\n",
+           "stage: its choice and the trials it chose among (a trial shared with an earlier stage, the same run, shows "
+           "the setting it first ran as); *fixed* is what of the fixed recipe differs between the rows.\n",
            "| task | method | fixed | trials | setting: validation score | choice |", "|---|---|---|---|---|---|"]
     for task, method, fixed, mine, choice in rows:
         shown = tune.describe({k: v for k, v in fixed.items() if (k, json.dumps(v)) not in common}) or "—"
