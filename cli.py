@@ -93,7 +93,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls, rename: dict | None = 
         help_text = comments.get(f.name, "") + f" (default: {default})"
         kw = dict(dest=f.name, help=help_text, default=argparse.SUPPRESS if only_if_given else default)
         kind = type(default) if default is not None else str
-        if kind is bool:
+        if f.type == int | float:                           # e.g. --t-init 50 (steps) or 0.1 (of the run)
+            parser.add_argument(flag(f.name, rename), type=runs.parse_number, **kw)
+        elif kind is bool:
             parser.add_argument(flag(f.name, rename), action=argparse.BooleanOptionalAction, **kw)
         elif kind is list:                                  # e.g. --corpus a.txt b.txt
             parser.add_argument(flag(f.name, rename), nargs="*", type=str, **kw)

@@ -98,8 +98,8 @@ class AdapterConfig:
     gate_lr_mult: float = 1.0         # the gates' learning rate (W_g, c, P) as a multiple of the run's
     # --- Chapter 3: allocation ---
     target_r: int = 4                 # final average rank per adapted layer (budget = target_r x layers)
-    t_init: int = 50                  # warm-up optimizer steps with all components active
-    t_final: int = 50                 # last optimizer steps with the budget at its target, masks frozen
+    t_init: int | float = 50          # warm-up optimizer steps, all components on (0 < x < 1: that fraction of the run)
+    t_final: int | float = 50         # last steps at the target budget, masks frozen (0 < x < 1: a fraction of the run)
     delta_t: int = 10                 # optimizer steps between two reallocations
     beta1: float = 0.85               # EMA factor of the smoothed sensitivity I_bar
     beta2: float = 0.85               # EMA factor of the uncertainty U_bar
@@ -138,8 +138,8 @@ class AdapterConfig:
                 (self.target_r <= self.r, f"target_r ({self.target_r}) is above the initial rank r ({self.r}): "
                  f"allocation only removes rank components, so the target budget cannot exceed the initial one; "
                  f"lower target_r or raise r"),
-                rule("t_init", self.t_init >= 0, ">= 0"),
-                rule("t_final", self.t_final >= 0, ">= 0"),
+                rule("t_init", is_steps(self.t_init), "whole steps >= 0 or a fraction of the run in (0, 1)"),
+                rule("t_final", is_steps(self.t_final), "whole steps >= 0 or a fraction of the run in (0, 1)"),
                 rule("delta_t", self.delta_t >= 1, ">= 1"),
             ]
         for ok, message in rules:
@@ -692,6 +692,18 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
 # on a cubic schedule (budget_schedule). A reallocation keeps the b(t) components with the highest scores over
 # all layers -- ties going to the earlier layer and component -- so rank moves to the layers that need it.
 
+def is_steps(x) -> bool:
+    """A schedule length: a whole number of optimizer steps (>= 0), or a fraction of the run in (0, 1)."""
+    return (isinstance(x, int) and not isinstance(x, bool) and x >= 0) or (isinstance(x, float) and 0 < x < 1)
+
+
+def schedule_steps(x: int | float, total_steps: int) -> int:
+    """t_init or t_final in optimizer steps: a whole number as it is, a fraction x of the run as round(x T).
+    Fractions let one schedule fit tasks of any length (AdaLoRA's authors advise a budget-reduction phase of
+    about half the run)."""
+    return x if isinstance(x, int) else round(x * total_steps)
+
+
 def check_schedule(total_steps: int, t_init: int, t_final: int, delta_t: int,
                    initial_budget: int, target_budget: int):
     """Raise ValueError, saying which numbers and how to fix, if the allocation schedule cannot run."""
@@ -769,10 +781,10 @@ class RankAllocator:
         if not self.layers:
             raise ValueError("RankAllocator: the model has no masked adapter layers")
         self.config, self.total_steps = config, total_steps
+        self.t_init, self.t_final = (schedule_steps(x, total_steps) for x in (config.t_init, config.t_final))
         self.initial_budget = sum(m.r for _, m in self.layers)
         self.target_budget = config.target_r * len(self.layers)
-        check_schedule(total_steps, config.t_init, config.t_final, config.delta_t,
-                       self.initial_budget, self.target_budget)
+        check_schedule(total_steps, self.t_init, self.t_final, config.delta_t, self.initial_budget, self.target_budget)
         # The EMAs I_bar and U_bar per layer and parameter ("A", "B", "E" for lambda), of the parameter's shape.
         self.ipt = {name: {k: torch.zeros_like(p) for k, p in self._params(m).items()} for name, m in self.layers}
         self.unc = {name: {k: torch.zeros_like(p) for k, p in self._params(m).items()} for name, m in self.layers}
@@ -800,10 +812,9 @@ class RankAllocator:
                                f"per optimizer step, with t increasing")
         if any(m.merged for _, m in self.layers):
             raise RuntimeError("RankAllocator.step: adapters are merged; unmerge before training")
-        c = self.config
         budget, reallocate = budget_schedule(t, self.total_steps, self.initial_budget, self.target_budget,
-                                             c.t_init, c.t_final, c.delta_t)
-        if t <= self.total_steps - c.t_final:      # masks can still move: keep the scores current
+                                             self.t_init, self.t_final, self.config.delta_t)
+        if t <= self.total_steps - self.t_final:   # masks can still move: keep the scores current
             self._update_importance()
         if reallocate:
             self._reallocate(budget, t)

@@ -1087,6 +1087,14 @@ def flag(name: str, rename: dict | None = None) -> str:
     return "--" + (rename or {}).get(name, name).replace("_", "-")
 
 
+def parse_number(text: str) -> int | float:
+    """A value of a field typed int | float, as typed: "50" -> 50, "0.1" -> 0.1 (t_init: steps or a fraction)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def check_config(cfg, rename: dict | None = None):
     """Raise ValueError, naming the --flag, for a number that is not finite or outside its field's bounds."""
     for f in fields(cfg):

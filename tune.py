@@ -67,6 +67,8 @@ WHERE = {"backbone", "data_dir", "out_dir", "threads", "suite", "results_dir", "
 NOT_RECIPE = {"task", "method", "seed", "val_fraction"}
 # FinetuneConfig fields tune sets itself, per trial or by a flag of its own: not passed through as the recipe.
 TUNE_OWNS = {"task", "method", "seed", "out_dir", "suite", "results_dir", "val_fraction", "from_tune"}
+# Settings typed int | float (t_init, t_final: steps, or a fraction of the run): a grid value keeps its form.
+EITHER = {f.name for f in dataclasses.fields(dynlora.AdapterConfig) if f.type == int | float}
 # Recipe keys a run read back with --from-tune may change: the final runs train on the whole training split.
 READBACK_FREE = {"max_train"}
 
@@ -139,11 +141,12 @@ def parse_value(name: str, text: str, default, where: str):
         return text.lower() in ("true", "1")
     if not isinstance(default, (int, float)):
         return text
+    either = name in EITHER
     try:
-        value = type(default)(text)
+        value = runs.parse_number(text) if either else type(default)(text)
     except ValueError:
-        raise ValueError(f"{where}: {name}={text!r} is not {'a whole' if isinstance(default, int) else 'a'} "
-                         f"number") from None
+        whole = isinstance(default, int) and not either
+        raise ValueError(f"{where}: {name}={text!r} is not {'a whole' if whole else 'a'} number") from None
     if not math.isfinite(value):
         raise ValueError(f"{where}: {name}={text} is not a finite number")
     return value

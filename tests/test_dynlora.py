@@ -661,6 +661,35 @@ def test_budget_is_conserved_at_every_reallocation():
     assert all(torch.equal(l.mask, m) for (_, l), m in zip(alloc.layers, final_masks))   # frozen after T - t_final
 
 
+def test_schedule_as_fractions_of_the_run_is_the_same_schedule_in_steps():
+    # t_init = 0.15 and t_final = 0.2 of T = 20 steps are round(3.0) = 3 and round(4.0) = 4 steps: the same
+    # budgets, reallocations and masks as the schedule given in steps.
+    T, histories = 20, []
+    for t_init, t_final in ((3, 4), (0.15, 0.2)):
+        model, config = adapted("dynlora", t_init=t_init, t_final=t_final, delta_t=3)
+        alloc = RankAllocator(model, config, T)
+        assert (alloc.t_init, alloc.t_final) == (3, 4)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        budgets = []
+        for t in range(1, T + 1):
+            idx, y = batch(t)
+            _, loss = model(idx, y)
+            (loss + regularization_loss(model)).backward()
+            opt.step()
+            budgets.append(alloc.step(t))
+            opt.zero_grad()
+        histories.append((budgets, [(h["step"], h["ranks"]) for h in alloc.history]))
+    assert histories[0] == histories[1]
+    assert [step for step, _ in histories[0][1]] == [6, 9, 12, 15, 16]
+    assert RankAllocator(*adapted("alloc", t_init=0.1, t_final=0.25), total_steps=1443).t_final == 361   # 360.75
+
+
+@pytest.mark.parametrize("value", [1.5, -1, 0.0, 1.0, True, float("nan")])
+def test_schedule_length_must_be_whole_steps_or_a_fraction(value):
+    with pytest.raises(ValueError, match="t_init must be whole steps >= 0 or a fraction of the run in"):
+        config_for_method("alloc", t_init=value)
+
+
 def test_rank_moves_to_the_layer_whose_gradients_dominate():
     model, config = adapted("alloc", t_init=1, t_final=1, delta_t=1)
     alloc = RankAllocator(model, config, total_steps=6)          # b0 = 16 -> b_T = 8 over steps 2..5

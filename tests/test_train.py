@@ -283,6 +283,9 @@ def test_flag_names_rename_adapter_fields():
     parser = cli_py.build_parser()
     args = parser.parse_args(["finetune", "--method", "lora", "--lora-r", "4", "--target-r", "2"])
     assert args.r == 4 and args.target_r == 2
+    args = parser.parse_args(["finetune", "--method", "alloc", "--t-init", "50", "--t-final", "0.25"])
+    assert (args.t_init, args.t_final) == (50, 0.25) and type(args.t_init) is int    # steps, a fraction of the run
+    assert dynlora.AdapterConfig(**cli_py.adapter_flags(args), allocation=True).t_final == 0.25
 
 
 def test_ad_hoc_runs_go_to_a_scratch_results_folder_and_suites_to_results(tmp_path, monkeypatch):

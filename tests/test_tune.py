@@ -246,6 +246,7 @@ def test_read_back_applies_the_choice_and_refuses_what_does_not_match(backbone, 
     (["--grid", "lr=1e-3,nan"], "--grid: lr=nan is not a finite number"),
     (["--grid", "epochs=1.5"], "--grid: epochs='1.5' is not a whole number"),
     (["--grid", "lr=-1"], "--grid: --lr must be >= 0, got -1"),
+    (["--methods", "alloc", "--grid", "t_init=0.1,x"], "--grid: t_init='x' is not a number"),
     (["--grid", "lr=1e-3;lr=2e-3"], "appears twice"),
     (["--methods", "lora", "--grid", "lora-r=0,4"], "--grid: --lora-r"),
     (["--methods", "full,lora", "--grid", "lora_r=4,8"],
@@ -282,3 +283,7 @@ def test_a_setting_equal_to_the_methods_default_is_the_same_trial():
     assert tid("lora", {"targets": ["q_proj", "k_proj", "v_proj"]}) != tid("lora", {})
     assert tid("lora", {"r": 4}) != tid("lora", {}) and tid("full", {}) != tid("lora", {})
     assert tid("lora", {"lr": 1e-3}) == tid("lora", {})          # a finetune setting at the recipe's own value
+    # t_init keeps its form: 50 steps is the default (the same trial), 0.1 of the run another trial
+    grid = tune.parse_grid("t_init=50,0.1", "--grid", tune.tunable_defaults(base), runs.flag)
+    assert grid == {"t_init": [50, 0.1]} and type(grid["t_init"][0]) is int
+    assert tid("alloc", {"t_init": 50}) == tid("alloc", {}) != tid("alloc", {"t_init": 0.1})
