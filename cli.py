@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="render RESULTS.md's tables and the README's headline from results/")
     p = sub.add_parser("bench", help="speed and memory figures (writes results/bench.json)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p.add_argument("--only", choices=["dynamic"], default=None, help="one part alone: dynamic = the dynamic "
+                   "methods' step time against LoRA's (a few minutes; writes results/bench-dynamic.json)")
     p = sub.add_parser("gates", help="how much a gated run's gates depend on the input, on its dev split")
     p.add_argument("--run", required=True, nargs="+", help="gate or dynlora run folder(s) written by finetune")
     p.add_argument("--max-examples", type=int, default=analysis.GATE_EXAMPLES, help="dev examples to read per run "
@@ -230,7 +232,7 @@ def run_command(args: argparse.Namespace):
     elif args.command == "report":
         print(report.write_report())
     elif args.command == "bench":
-        bench.run(quick=args.quick)
+        bench.run(quick=args.quick, only=args.only)
     elif args.command == "gates":
         if args.max_examples < 1:
             raise ValueError(f"--max-examples must be at least 1, got {args.max_examples}")

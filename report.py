@@ -538,9 +538,11 @@ def _target_cell(row: dict) -> str:
     return target if met is None else f"{target} {'✓' if met else '✗ missed'}"
 
 
-def render_bench(bench: dict) -> str:
-    lines = [f"**Benchmark** (`python cli.py bench`, {bench['machine']}, commit {bench['commit']}, "
-             f"{bench['date']}):\n", "| figure | value | target |", "|---|---|---|"]
+def render_bench(bench: dict, only: str | None = None) -> str:
+    command = f"python cli.py bench --only {only}" if only else "python cli.py bench"
+    lines = [f"**Benchmark{', ' + only + ' part' if only else ''}** (`{command}`, {bench['machine']}, commit "
+             f"{bench['commit']}, {bench['date']}, {bench.get('wall_s', '?')} s):\n", "| figure | value | target |",
+             "|---|---|---|"]
     for row in bench["rows"]:
         lines.append(f"| {row['name']} | {row['value']} | {_target_cell(row)} |")
     if bench.get("note"):
@@ -811,6 +813,8 @@ def write_report(page: Path = RESULTS_PAGE, results_dir: Path = runs.RESULTS_DIR
     gates = runs.load_jsonl(results_dir / runs.GATES_FILE)
     results = runs.load_results(results_dir)
     report = render_report(results, bench, data_dir, gates)
+    for part in sorted(results_dir.glob("bench-*.json")):              # `bench --only PART`: a run of its own
+        report += "\n" + render_bench(json.loads(part.read_text()), part.stem.removeprefix("bench-"))
     planted_rows = runs.load_jsonl(results_dir / "planted.jsonl")
     if planted_rows:
         report += "\n" + planted.summary_table(planted_rows)

@@ -246,6 +246,13 @@ def test_bench_quick_runs_every_figure(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["rows"] == result["rows"] and saved["quick"] is True
     assert "Benchmark" in report.render_bench(saved)
+    for method in dynlora.method_names():       # each dynamic method against LoRA, at both recipes' targets
+        if method not in (dynlora.FULL, "lora"):
+            for where in ("q,v", "all seven projections"):
+                assert sum(f"adapters on {where}: step time {method}" in n for n in names) == 1, (method, where)
+    part = bench.run(quick=True, out_path=tmp_path / "bench-dynamic.json", only="dynamic")
+    assert part["rows"] and all("adapters on" in row["name"] for row in part["rows"])
+    assert "Benchmark, dynamic part** (`python cli.py bench --only dynamic`" in report.render_bench(part, "dynamic")
 
 
 def test_bench_whole_runs_time_fresh_processes_from_start_to_result(backbone, monkeypatch):
