@@ -299,7 +299,8 @@ def test_report_renders_means_and_spreads_into_the_results_page(tmp_path):
     part = dict(machine="m", commit="c2", date="d", wall_s=5, rows=[dict(name="ratio x", value="1.01", target="")])
     (results / "bench-dynamic.json").write_text(json.dumps(part))    # `bench --only dynamic`: its own table
     report.write_report(page, results, readme=None)
-    assert "**Benchmark, dynamic part** (`python cli.py bench --only dynamic`, m, commit c2, d, 5 s)" in page.read_text()
+    title = "**Benchmark, dynamic part** (`python cli.py bench --only dynamic`, m, commit c2, d, 5 s)"
+    assert title in page.read_text()
     page.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         report.write_report(page, results, readme=None)
