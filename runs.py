@@ -398,9 +398,8 @@ def resume_finetune(run, ckpt: dict | None) -> dict:
     # The effective learning rate is compared (run_config["lr"]), not the flag: --lr 0 means the default.
     settings = {**run.run_config, "finetune": {**run.run_config["finetune"], "lr": None}}
     # A checkpoint written before --readout existed read its prediction at <cls>.
-    saved = {**ckpt, "config": {**ckpt["config"], "finetune": {"readout": "cls", "val_fraction": 0.0, "from_tune": "",
-                                                               **ckpt["config"]["finetune"],
-                                                               "lr": None}}}
+    before = {"readout": "cls", "val_fraction": 0.0, "from_tune": "", "tuned_on": ""}   # fields added since
+    saved = {**ckpt, "config": {**ckpt["config"], "finetune": {**before, **ckpt["config"]["finetune"], "lr": None}}}
     check_resume(saved, settings, run.source, out, RESUME_MAY_CHANGE, flag_name, finished)
     load_training_weights(run.model, ckpt["model"], run.cfg.method, out / CHECKPOINT_FILE)
     if run.allocator is not None:
@@ -1079,7 +1078,7 @@ FLAG_NAMES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "
 
 # train.FinetuneConfig / PretrainConfig fields that may differ when a run is resumed: where things are, where
 # the result goes, how many threads. Every other field shapes the training and must match the checkpoint's.
-RESUME_MAY_CHANGE = {"data_dir", "out_dir", "threads", "suite", "results_dir", "from_tune"}
+RESUME_MAY_CHANGE = {"data_dir", "out_dir", "threads", "suite", "results_dir", "from_tune", "tuned_on"}
 
 
 def flag(name: str, rename: dict | None = None) -> str:
@@ -1269,7 +1268,9 @@ def write_finetune_result(run, wall: float, final: dict, inference: dict) -> dic
         "final_ranks": final["final_ranks"],
         "train_examples": run.data.train_examples, "wall_s": round(wall, 1),
         **({"split": data.VALIDATION, "val_fraction": cfg.val_fraction, "val_examples": run.data.held_out}
-           if cfg.val_fraction else {}), **({"from_tune": cfg.from_tune} if cfg.from_tune else {}),
+           if cfg.val_fraction else {}),
+        **({"from_tune": cfg.from_tune, "tuned_on": data.get_task(cfg.tuned_on or cfg.task).name}
+           if cfg.from_tune else {}),
         "tokens_per_s": round(state["tokens"] / max(1e-9, wall), 1), "train_tokens": state["tokens"],
         "padding_fraction": round(run.data.train.padding_fraction(cfg.epochs), 4),
         "compiled": run.compiled,

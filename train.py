@@ -129,6 +129,8 @@ class FinetuneConfig:
                                                                                       # (0 = off; tune.py)
     from_tune: str = ""                                 # a tune.jsonl: apply its chosen setting for this task, method
                                                         # and backbone (tune.py; cli.py applies it)
+    tuned_on: str = ""                                  # with --from-tune: the choice made on this task instead (e.g.
+                                                        # CoLA's for every task of a suite); '' = the run's own task
 
 
 @dataclass

@@ -62,11 +62,12 @@ DEFAULT_GRIDS = {dynlora.FULL: "lr=5e-5,1e-4,2e-4;epochs=1,3", "adapters": "lr=3
 
 # FinetuneConfig fields that say where things are or how to run, not what is trained: never a tuned key,
 # not part of a recipe (the backbone is known by its hash instead).
-WHERE = {"backbone", "data_dir", "out_dir", "threads", "suite", "results_dir", "from_tune"}
+WHERE = {"backbone", "data_dir", "out_dir", "threads", "suite", "results_dir", "from_tune", "tuned_on"}
 # FinetuneConfig fields that say which run it is, not its recipe.
 NOT_RECIPE = {"task", "method", "seed", "val_fraction"}
 # FinetuneConfig fields tune sets itself, per trial or by a flag of its own: not passed through as the recipe.
-TUNE_OWNS = {"task", "method", "seed", "out_dir", "suite", "results_dir", "val_fraction", "from_tune"}
+TUNE_OWNS = {"task", "method", "seed", "out_dir", "suite", "results_dir", "val_fraction", "from_tune",
+             "tuned_on"}
 # Settings typed int | float (t_init, t_final: steps, or a fraction of the run): a grid value keeps its form.
 EITHER = {f.name for f in dataclasses.fields(dynlora.AdapterConfig) if f.type == int | float}
 # Recipe keys a run read back with --from-tune may change: the final runs train on the whole training split.
@@ -454,13 +455,20 @@ def run(spec: TuneConfig, base, adapter: dict, system, *, finetune, check, flag,
 def apply_choice(cfg, overrides: dict, flag) -> tuple[object, dict]:
     """(cfg, adapter overrides) with the chosen setting of cfg.from_tune applied; unchanged without it.
 
-    Refused, with one line: no choice for the run's task and method, a choice tuned on another backbone, a
-    tuned setting also given as a flag (a FinetuneConfig field away from its default, or an adapter flag),
-    and a recipe that differs from the tuned one in anything but READBACK_FREE.
+    The choice is the one made on the run's own task, or, with cfg.tuned_on, on that task (a suite run at the
+    recipe tuned on CoLA: the result line records both). Refused, with one line: no choice for that task and
+    method, a choice tuned on another backbone, a tuned setting also given as a flag (a FinetuneConfig field
+    away from its default, or an adapter flag), and a recipe that differs from the tuned one in anything but
+    READBACK_FREE.
     """
     if not cfg.from_tune:
+        if cfg.tuned_on:
+            raise ValueError(f"--tuned-on {cfg.tuned_on} reads a tune's choice: give --from-tune results/{TUNE_FILE}")
         return cfg, overrides
-    path, task = Path(cfg.from_tune), data.get_task(cfg.task).name
+    try:
+        path, task = Path(cfg.from_tune), data.get_task(cfg.tuned_on or cfg.task).name
+    except ValueError as e:
+        raise ValueError(f"--tuned-on: {e}") from None
     if not path.is_file():
         raise ValueError(f"--from-tune {path}: no such file; `python cli.py tune` writes results/{TUNE_FILE}")
     choices = [r for r in runs.load_jsonl(path) if r.get("kind") == "choice"]
@@ -468,7 +476,8 @@ def apply_choice(cfg, overrides: dict, flag) -> tuple[object, dict]:
     if not mine:
         held = sorted({f"{r['task']}/{r['method']}" for r in choices}) or ["none"]
         raise ValueError(f"--from-tune {path}: no choice for task {task} with method {cfg.method} (it holds "
-                         f"{', '.join(held)}); tune that task and method first")
+                         f"{', '.join(held)}); tune that task and method first, or give --tuned-on TASK to "
+                         f"use the choice made on another task")
     sha = backbone_hash(cfg.backbone)
     same = [r for r in mine if r["backbone_sha256"] == sha]
     if not same:

@@ -2,6 +2,7 @@
 resuming an interrupted tune, reading a choice back with --from-tune, and the bad input of each."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -184,7 +185,7 @@ def test_a_real_tune_end_to_end_then_read_back(backbone, tmp_path):
     assert code == 0, message
     record = json.loads((tmp_path / "final-results" / runs.RESULTS_FILE).read_text())
     assert record["lr"] == chosen["lora"] and "split" not in record and record["train_examples"] == 10
-    assert record["from_tune"].endswith(tune.TUNE_FILE)
+    assert record["from_tune"].endswith(tune.TUNE_FILE) and record["tuned_on"] == "SST-2"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -225,6 +226,14 @@ def test_read_back_applies_the_choice_and_refuses_what_does_not_match(backbone, 
         with pytest.raises(ValueError) as err:
             tune.apply_choice(bad, {"alpha": 8.0, **case.get("overrides", {})}, flag)
         assert words in str(err.value) and "\n" not in str(err.value), (case, str(err.value))
+    # --tuned-on: the choice made on SST-2 for an RTE run (a suite at the recipe tuned on one task)
+    on_sst2 = train.dataclasses.replace(cfg, task="RTE", tuned_on="SST-2")
+    assert tune.apply_choice(on_sst2, {"alpha": 8.0}, flag)[0].lr == 3e-3
+    for bad, words in [(dict(tuned_on="SST-3"), "--tuned-on: unknown GLUE task 'SST-3'"),
+                       (dict(tuned_on="RTE"), "no choice for task RTE with method lora"),
+                       (dict(from_tune=""), "--tuned-on SST-2 reads a tune's choice: give --from-tune")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            tune.apply_choice(train.dataclasses.replace(on_sst2, **bad), {"alpha": 8.0}, flag)
     # another --max-train is the final runs' right: the whole training split
     assert tune.apply_choice(train.dataclasses.replace(cfg, from_tune=choice_file(tmp_path, backbone),
                                                        max_train=0), {"alpha": 8.0}, flag)[0].lr == 3e-3
