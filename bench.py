@@ -120,16 +120,16 @@ def pruned_methods() -> list:
 
 
 def classifier(method: str, config: GPTConfig, r: int, target_r: int | None = None,
-               targets: tuple = ("q_proj", "v_proj")) -> GPTClassifier:
+               targets: tuple | None = None) -> GPTClassifier:
     """A 2-class classifier with `method`'s adapters (none for full) at rank r (allocating: r -> target_r) on
-    the layers named by targets."""
+    the layers named by targets (None: the adapters' default targets)."""
     torch.manual_seed(0)
     model = GPTClassifier(config, num_outputs=2)
     if method != dynlora.FULL:
         # The default reallocation interval delta_t, with the warm-up cut to 2 steps so that the timed steps
         # include reallocations (with the default t_init they would all fall in the warm-up).
         cfg = dynlora.config_for_method(method, r=r, target_r=target_r or max(1, r * 2 // 3), t_init=2, t_final=2,
-                                        targets=targets)
+                                        **({} if targets is None else {"targets": tuple(targets)}))
         dynlora.apply_lora(model, cfg)
     return model
 
