@@ -25,6 +25,8 @@ What this file holds, in order:
                   solutions and, with write=True, stores the outputs back (the printed text into the <details>):
 
                       python tutorial.py notebooks/0*.ipynb      # re-execute in place, solutions included
+  7. runtimes  -- how long a notebook's recorded run took (its code cells' recorded times: a reader runs no
+                  folded solution) and what its **Runtime:** line says (tests/test_notebooks.py compares them).
 """
 
 import copy
@@ -205,6 +207,33 @@ def execute(path: Path, write: bool = False, timeout: int = 1800):
         executed.cells = kept
         nbformat.write(executed, path)
     return nb
+
+
+def recorded_minutes(nb) -> float:
+    """Minutes the code cells of a notebook (nbformat) took in its recorded run, from the timing nbclient stores
+    in each cell's metadata; ValueError naming the first cell without it (its output is not from that run)."""
+    from datetime import datetime
+    total = 0.0
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        t = cell.metadata.get("execution", {})
+        if "iopub.execute_input" not in t or "shell.execute_reply" not in t:
+            raise ValueError(f"cell {i} has no recorded timing: re-execute the notebook (python tutorial.py ...)")
+        start, end = (datetime.fromisoformat(t[k].replace("Z", "+00:00"))
+                      for k in ("iopub.execute_input", "shell.execute_reply"))
+        total += (end - start).total_seconds()
+    return total / 60
+
+
+def stated_minutes(nb) -> float:
+    """The minutes a notebook's **Runtime:** line (in its first Markdown cell) states: its first "N minutes"."""
+    intro = next(c.source for c in nb.cells if c.cell_type == "markdown")
+    line = re.search(r"\*\*Runtime:\*\*(.*?)(?:\n\n|$)", intro, re.S)
+    number = re.search(r"([0-9]+(?:\.[0-9]+)?) minutes", line.group(1)) if line else None
+    if number is None:
+        raise ValueError("no '**Runtime:** ... N minutes' line in the first Markdown cell")
+    return float(number.group(1))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ which for these tests is a folder of this session: notebook 1 pretrains its back
 notebooks reuse it.
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -85,3 +86,22 @@ def test_no_code_cell_is_hidden():
         assert not hidden, f"{path.name}: code cells {hidden} are hidden; fold a solution in a <details> block"
         text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
         assert text.count("<details>") == text.count("</details>"), f"{path.name}: a <details> block is not closed"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_stated_runtime_is_the_recorded_one(path):
+    """The committed outputs are one recorded run, top to bottom; the notebook's **Runtime:** line and its entry
+    in docs/tutorial.md state how long that run's code cells took (tutorial.recorded_minutes), to within 15% or
+    half a minute; the README's bound holds for every notebook but the first."""
+    nb = nbformat.read(path, as_version=4)
+    counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
+    assert counts == list(range(1, len(counts) + 1)), f"{path.name}: not one run top to bottom: {counts}"
+    recorded, stated = tutorial.recorded_minutes(nb), tutorial.stated_minutes(nb)
+    assert abs(stated - recorded) <= max(0.5, 0.15 * recorded), f"{path.name}: states {stated}, took {recorded:.2f}"
+    guide = (NOTEBOOK_DIR.parent / "docs" / "tutorial.md").read_text()
+    entry = re.search(rf"\[`{path.name}`\].*?(?=\n\d\. \[|\n\n)", guide, re.S).group(0)
+    assert re.search(r"About ([0-9.]+) minutes", entry).group(1) == f"{stated:g}", f"{path.name} in docs/tutorial.md"
+    readme = (NOTEBOOK_DIR.parent / "README.md").read_text()
+    bound, first = map(float, re.search(r"in under (\d+) minutes in its recorded run \(notebook 1 in (\d+)",
+                                        readme).groups())
+    assert recorded < bound or (path.name.startswith("01") and round(recorded) == first)
