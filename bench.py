@@ -128,8 +128,9 @@ def classifier(method: str, config: GPTConfig, r: int, target_r: int | None = No
     if method != dynlora.FULL:
         # The default reallocation interval delta_t, with the warm-up cut to 2 steps so that the timed steps
         # include reallocations (with the default t_init they would all fall in the warm-up).
+        targets = dynlora.AdapterConfig.targets if targets is None else tuple(targets)
         cfg = dynlora.config_for_method(method, r=r, target_r=target_r or max(1, r * 2 // 3), t_init=2, t_final=2,
-                                        **({} if targets is None else {"targets": tuple(targets)}))
+                                        targets=targets)
         dynlora.apply_lora(model, cfg)
     return model
 

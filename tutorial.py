@@ -36,6 +36,7 @@ import re
 import shutil
 import sys
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 import data
@@ -212,7 +213,6 @@ def execute(path: Path, write: bool = False, timeout: int = 1800):
 def recorded_minutes(nb) -> float:
     """Minutes the code cells of a notebook (nbformat) took in its recorded run, from the timing nbclient stores
     in each cell's metadata; ValueError naming the first cell without it (its output is not from that run)."""
-    from datetime import datetime
     total = 0.0
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
