@@ -16,6 +16,8 @@ plots.py -- the figures a run writes next to its metrics (matplotlib, PNG, no sc
                       mean, the majority-class line), glue_paired (the paired differences to LoRA with their
                       95% t intervals, a line at 0, the smallest resolvable difference as a band) and
                       glue_merged_costs (merged minus best-epoch score of the gated runs)
+  why_it_ties         notebook 7's figure of what decides a GLUE comparison, per suite (report.tie_evidence):
+                      what training adds, the noise floor, LoRA's rank, the gates, allocation against its control
   headline            the README's figure (report.headline_numbers): each dynamic method minus LoRA with its 95%
                       interval, on GLUE and in each scenario of the known-answer benchmark
 
@@ -518,4 +520,85 @@ def headline(numbers: dict, path=None):
     fig.tight_layout()
     _save_tight(fig, path)
     plt.close(fig)
+    return fig
+
+
+def why_it_ties(evidence: dict, claimed_gain: float = 1.0, labels: dict | None = None, path=None):
+    """What decides a GLUE comparison, per suite (report.tie_evidence): five panels, each suite in its own
+    marker. (1) What training adds: the majority class, the zero-shot prompt, LoRA and full fine-tuning per task.
+    (2) The noise floor: the smallest difference the seeds resolve per task, against the gain claimed over LoRA
+    (`claimed_gain` points). (3) Is rank the bottleneck: LoRA at another rank minus the suite's LoRA, paired,
+    95% interval. (4) What the gates do: components open per token, ± their spread across tokens. (5) Where
+    allocation puts the budget: each projection's share of the final budget over its share under equal ranks,
+    next to the same method's shares in the known-answer benchmark's homogeneous control (every layer needs the
+    same rank there). labels: {suite: a short name for the legend}. Returns the figure (None without a suite),
+    written to `path` if given."""
+    suites = evidence["suites"]
+    if not suites:
+        return None
+    labels = labels or {}
+    marks = dict(zip(suites, "os^D"))
+    name = lambda s: labels.get(s, s)
+    tasks = list(dict.fromkeys(t for ev in suites.values() for t in ev["scores"]))
+    x = {t: i for i, t in enumerate(tasks)}
+    shift = {s: 0.25 * (i - (len(suites) - 1) / 2) for i, s in enumerate(suites)}
+    kinds = list(dict.fromkeys([k for ev in suites.values() for p in ev["projections"].values() for k in p]
+                               + [k for p in evidence["control"].values() for k in p]))
+    allocating = list(dict.fromkeys([m for ev in suites.values() for m in ev["projections"]] + list(evidence["control"])))
+    off = {m: 0.2 * (i - (len(allocating) - 1) / 2) for i, m in enumerate(allocating)}
+    fig, ax = plt.subplots(1, 5, figsize=(19, 3.9))
+    for t in tasks:                         # (1) what training adds: the baselines of the backbone, once per task
+        sc = next(ev["scores"][t] for ev in suites.values() if t in ev["scores"])
+        for key, style, color in (("majority", "_", "k"), ("zero-shot", "x", "grey")):
+            if sc[key] is not None:
+                ax[0].plot(x[t], sc[key], style, color=color, ms=10, mew=2)
+    for s, ev in suites.items():
+        for t, sc in ev["scores"].items():
+            for m in (k for k in sc if k in dynlora.method_names()):      # LoRA and full fine-tuning
+                if sc[m] is not None:
+                    ax[0].plot(x[t] + shift[s], sc[m], marks[s], color=method_color(m))
+        half = {t: h for t, (h, n) in ev["resolvable"].items() if h is not None}   # (2) the noise floor
+        ax[1].bar([x[t] + shift[s] for t in half], list(half.values()), width=0.22, color="tab:blue", alpha=0.5,
+                  hatch="" if s == next(iter(suites)) else "//", label=name(s))
+        for sweep, cells in ev["rank"].items():                         # (3) LoRA's rank
+            for t, (mean, h, n) in cells.items():
+                ax[2].errorbar(x[t] + shift[s], mean, yerr=h or 0, fmt=marks[s], color=method_color("lora"), capsize=3,
+                               mfc="white" if h is None else None)
+                ax[2].annotate(sweep.rsplit("-", 1)[1].replace("r", "r="), (x[t] + shift[s], mean), fontsize=7,
+                               xytext=(4, 2), textcoords="offset points")
+        for m, cells in ev["gates"].items():                            # (4) the gates
+            ax[3].errorbar([x[t] + shift[s] for t in cells], [c[0] for c in cells.values()],
+                           yerr=[c[1] for c in cells.values()], fmt=marks[s], color=method_color(m), capsize=3)
+        for m, shares in ev["projections"].items():                     # (5) allocation against its control
+            ax[4].plot([kinds.index(k) + off[m] + shift[s] / 4 for k in shares], list(shares.values()), marks[s],
+                       color=method_color(m))
+    for m, shares in evidence["control"].items():
+        ax[4].plot([kinds.index(k) + off[m] for k in shares], list(shares.values()), "_", color=method_color(m),
+                   ms=14, mew=2)
+    for a in ax[:4]:
+        a.set_xticks(range(len(tasks)), tasks, fontsize=8)
+    for a in ax:
+        a.grid(alpha=0.3, axis="y")
+    ax[0].set(title="what training adds", ylabel="dev score x 100")
+    ax[1].axhline(claimed_gain, color="k", ls="--", lw=1)
+    ax[1].set(title="noise floor: smallest resolvable difference", ylabel="points")
+    ax[2].axhline(0, color="k", lw=1)
+    ax[2].axhspan(-claimed_gain, claimed_gain, color="k", alpha=0.07, lw=0)
+    ax[2].set(title="LoRA's rank: another r − the suite's", ylabel="points (95% interval)")
+    ax[3].set(title="gates: components open per token", ylabel="effective rank (± sd across tokens)")
+    ax[4].axhline(1, color="k", lw=1)
+    ax[4].set_xticks(range(len(kinds)), [k.removesuffix("_proj") for k in kinds], fontsize=8)
+    ax[4].set(title="allocation: budget share / equal share", ylabel="1 = the same rank everywhere")
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], ls="", marker=marks[s], color="grey", label=name(s)) for s in suites]
+    handles += [Line2D([], [], ls="", marker="_", ms=10, mew=2, color="k", label="majority class"),
+                Line2D([], [], ls="", marker="x", color="grey", label="zero-shot prompt"),
+                Line2D([], [], color="k", ls="--", lw=1, label=f"a {claimed_gain:g}-point gain (claimed size)"),
+                Line2D([], [], ls="", marker="_", ms=10, mew=2, color="grey", label="homogeneous control (panel 5)")]
+    handles += [Line2D([], [], ls="", marker="o", color=method_color(m), label=m) for m in dynlora.method_names()
+                if any(m in ev["gates"] or m in ev["projections"] or m in next(iter(ev["scores"].values()), {})
+                       for ev in suites.values())]
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=6, fontsize=8, frameon=False)
+    _save_tight(fig, path)
     return fig

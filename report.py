@@ -29,6 +29,10 @@ What this file holds, in order:
                       end); render_headline: one small table for the README (each dynamic method against LoRA
                       on the GLUE task its seeds resolve best, and on the known-answer benchmark's scenarios);
                       plots.headline draws it (results/headline.png).
+  7b. Why they tie -- tie_evidence: per suite (the short recipe, the tuned one), what fine-tuning adds over
+                      the zero-shot prompt and the majority class, the smallest resolvable difference, LoRA's rank
+                      sweeps, what the gates do, where allocation puts the budget against its homogeneous
+                      control (plots.why_it_ties draws it, notebook 7 shows it).
   8. write_report  -- all of it: the tables between RESULTS.md's <!-- results:start --> and <!-- results:end -->,
                       the headline between the README's <!-- headline:start --> and <!-- headline:end -->.
 
@@ -422,8 +426,9 @@ def cross_suite_table(suites: dict, comparisons=CROSS_SUITE) -> list:
 
 
 def pretrained_suite(name: str) -> bool:
-    """Whether a suite runs on the pretrained backbone: "smollm2", or a variant of its recipe "smollm2-..."."""
-    return name == "smollm2" or name.startswith("smollm2-")
+    """Whether a suite runs on the pretrained backbone: "smollm2" (the short recipe) or "tuned" (the tuned
+    one, docs/reproduce.md), or a variant of either, "smollm2-..." or "tuned-..."."""
+    return name in ("smollm2", "tuned") or name.startswith(("smollm2-", "tuned-"))
 
 
 def suite_of(record: dict) -> str:
@@ -787,6 +792,73 @@ def _headline_glue_cell(interval) -> str:
     verdict = _verdict(mean - half, mean + half, True)
     return f"{_signed(mean)} [{_signed(mean - half)}, {_signed(mean + half)}] " + \
         (f"**{verdict}**" if verdict == "better" else verdict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7b. Why the methods tie on GLUE (notebook 7's last figure, plots.why_it_ties): the measures above that decide
+# a suite's comparison, gathered per suite so that the short recipe and the tuned one sit side by side.
+
+TIE_SUITES = {"smollm2": "short recipe", "smollm2-gatelr30": "short, gates at 30x lr", "tuned": "tuned recipe"}
+CLAIMED_GAIN = 1.0   # points: the size of gain over LoRA that the paper and AdaLoRA report (about one point)
+
+
+def projection_shares(ranks: dict) -> dict:
+    """{projection: its share of the final budget / its share under equal ranks} of one final rank pattern
+    {"...blocks.<i>.<module>.<proj>": components}: 1 everywhere when every layer keeps the same rank."""
+    total = sum(ranks.values()) or 1
+    kinds = {name.rsplit(".", 1)[-1] for name in ranks}
+    return {k: (sum(v for name, v in ranks.items() if name.endswith("." + k)) / total)
+            / (sum(name.endswith("." + k) for name in ranks) / len(ranks)) for k in sorted(kinds)}
+
+
+def tie_evidence(results: list, gates: list, planted_rows: list, data_dir, names=TIE_SUITES) -> dict:
+    """What decides the comparison, for each suite of `names` with runs (split_suites), as {suite: {
+      "scores":      {task: {"majority", "zero-shot", "lora", "full": dev score x 100 (mean over seeds) or None}},
+      "resolvable":  {task: (half-width or None, n)}: the smallest difference its seeds resolve (paired_summary),
+      "rank":        {"<suite>-r<k>": {task: (mean, half, n)}}: LoRA of the suite "<suite>-r<k>" (rank k) minus
+                     the suite's LoRA, paired by seed,
+      "gates":       {method: {task: (components open per token, their sd across tokens, label information in
+                     bits or None)}}: means over the records of `cli.py gates`,
+      "projections": {method: {projection: mean projection_shares of the final ranks}}}},
+    and under "control" {allocating method: the same shares in the known-answer benchmark's homogeneous
+    scenario, where every layer needs the same rank}."""
+    suites = split_suites(results)
+    out = {}
+    for name in (n for n in names if n in suites):
+        rows = suites[name]
+        tasks, methods, majority, _ = suite_columns(rows, data_dir)
+        zero = zero_shot_scores(results, rows)
+        mean = lambda t, m: (100 * float(np.mean([r["last_score"] for r in _runs(rows, t, m)]))
+                             if _runs(rows, t, m) else None)
+        scores = {t: {"majority": None if majority[t] is None else 100 * majority[t],
+                      "zero-shot": 100 * zero[t] if t in zero else None, BASELINE: mean(t, BASELINE),
+                      dynlora.FULL: mean(t, dynlora.FULL)} for t in tasks}
+        sweeps = sorted(s for s in suites if re.fullmatch(re.escape(name) + r"-r\d+", s))
+        rank = {s: {t: iv for t in tasks
+                    if (iv := runs.paired_ci(cross_suite_diffs(suites, (s, BASELINE), (name, BASELINE), t)))[2]}
+                for s in sweeps}
+        mine = [g for g in gates if suite_of(g) == name]
+        gated = {m: {t: (float(np.mean([g["mean_effective_rank"] for g in gs])),
+                         float(np.mean([g["effective_rank_sd_tokens"] for g in gs])),
+                         None if any(g.get("gate_mi_label_bits") is None for g in gs)
+                         else float(np.mean([g["gate_mi_label_bits"] for g in gs])))
+                     for t in tasks if (gs := [g for g in mine if g["method"] == m and g["task"] == t])}
+                 for m in gated_methods()}
+        patterns = {m: [projection_shares(r["final_ranks"]) for r in rows if r["method"] == m and r.get("final_ranks")]
+                    for m in methods}
+        out[name] = {"scores": scores, "resolvable": paired_summary(rows, tasks, methods)[1], "rank": rank,
+                     "gates": {m: v for m, v in gated.items() if v},
+                     "projections": {m: _mean_shares(p) for m, p in patterns.items() if p}}
+    control = {}
+    for m in (m for m, preset in dynlora.METHODS.items() if preset["allocation"]):
+        rows = [r for r in planted_rows if r["scenario"] == "homogeneous" and r["method"] == m and r.get("final_ranks")]
+        if rows:
+            control[m] = _mean_shares([projection_shares(dict(zip(r["layers"], r["final_ranks"]))) for r in rows])
+    return {"suites": out, "control": control}
+
+
+def _mean_shares(patterns: list) -> dict:
+    return {k: float(np.mean([p[k] for p in patterns if k in p])) for k in sorted({k for p in patterns for k in p})}
 
 
 # ---------------------------------------------------------------------------------------------------------

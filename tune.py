@@ -28,7 +28,7 @@ The protocol, in the order of this file:
      the first key varies slowest, each key's values in the order given).
   5. Read-back (apply_choice). `finetune --from-tune FILE` applies the last choice line of FILE for the run's
      task, method and backbone (its sha256). A choice for another task, method or backbone is refused, so is
-     a flag that sets a tuned setting too, and so is a run whose recipe differs from the one tuned with in
+     a flag that sets a tuned setting to another value, and so is a run whose recipe differs from the one tuned with in
      anything but --max-train (the final runs may train on the whole training split).
 
 cli.py holds the command line (`cli.py tune`; `cli.py finetune --from-tune` calls apply_choice before
@@ -458,7 +458,8 @@ def apply_choice(cfg, overrides: dict, flag) -> tuple[object, dict]:
     The choice is the one made on the run's own task, or, with cfg.tuned_on, on that task (a suite run at the
     recipe tuned on CoLA: the result line records both). Refused, with one line: no choice for that task and
     method, a choice tuned on another backbone, a tuned setting also given as a flag (a FinetuneConfig field
-    away from its default, or an adapter flag), and a recipe that differs from the tuned one in anything but
+    away from its default, or an adapter flag) with another value than the chosen one (the same value agrees, so
+    one command line serves every method of a suite), and a recipe that differs from the tuned one in anything but
     READBACK_FREE.
     """
     if not cfg.from_tune:
@@ -487,14 +488,15 @@ def apply_choice(cfg, overrides: dict, flag) -> tuple[object, dict]:
     choice = same[-1]
     fin, ad = split_setting(choice["setting"], cfg)
     defaults = type(cfg)()
-    clash = [k for k in fin if getattr(cfg, k) != getattr(defaults, k)] + [k for k in ad if k in overrides]
+    clash = ([k for k, v in fin.items() if getattr(cfg, k) not in (getattr(defaults, k), v)]
+             + [k for k, v in ad.items() if k in overrides and overrides[k] != v])
     if clash:
         raise ValueError(f"--from-tune {path} sets {', '.join(flag(k) for k in clash)} (tuned), also given as a "
-                         f"flag; drop the flag, or --from-tune")
+                         f"flag with another value; drop the flag, or --from-tune")
     now = {**recipe_of(cfg), **{k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}}
     then = {**choice["recipe"], **choice["adapter"]}
     diffs = [f"{flag(k)} {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(then) | set(overrides))
-             if k not in READBACK_FREE and then.get(k) != now.get(k)]
+             if k not in READBACK_FREE and k not in ad and then.get(k) != now.get(k)]
     if diffs:
         raise ValueError(f"--from-tune {path}: this run's recipe is not the one {task}/{cfg.method} was tuned with "
                          f"({'; '.join(diffs[:3])}); give the tune's flags (its choice line's recipe and adapter)")

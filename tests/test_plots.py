@@ -55,6 +55,27 @@ def test_glue_paired_stars_an_interval_that_excludes_zero_and_leaves_out_unpaire
     assert plots.glue_paired({"RTE": {"gate": (float("nan"), None, 0)}}, {}, set(), "t") is None
 
 
+def test_why_it_ties_puts_each_measure_in_its_panel_at_its_task_or_projection():
+    suite = {"scores": {"CoLA": {"majority": 0.0, "zero-shot": -2.0, "lora": 14.0, "full": 21.0},
+                        "RTE": {"majority": 52.7, "zero-shot": None, "lora": 57.0, "full": None}},
+             "resolvable": {"CoLA": (8.2, 3), "RTE": (None, 0)}, "rank": {"smollm2-r4": {"RTE": (-0.2, 0.8, 5)}},
+             "gates": {"gate": {"CoLA": (8.0, 0.0, 0.0)}}, "projections": {"alloc": {"q_proj": 0.8, "v_proj": 1.2}}}
+    control = {"alloc": {"q_proj": 0.7, "v_proj": 1.3}, "adalora": {"q_proj": 0.9, "v_proj": 1.1}}
+    fig = plots.why_it_ties({"suites": {"smollm2": suite}, "control": control}, 1.0, {"smollm2": "short recipe"})
+    adds, floor, rank, gates, alloc = fig.axes[:5]
+    points = lambda ax: sorted((round(x, 2), round(y, 2)) for line in ax.get_lines()
+                               for x, y in zip(line.get_xdata(), line.get_ydata()) if line.get_linestyle() in ("None", ""))
+    assert points(adds) == [(0, -2.0), (0, 0.0), (0, 14.0), (0, 21.0), (1, 52.7), (1, 57.0)]   # CoLA 0, RTE 1
+    assert [round(b.get_height(), 1) for b in floor.patches] == [8.2]            # RTE has no resolvable difference
+    assert (1, -0.2) in points(rank) and "r=4" in _texts(fig)
+    assert (0, 8.0) in points(gates)
+    assert [t.get_text() for t in alloc.get_xticklabels()] == ["q", "v"]
+    assert points(alloc) == [(-0.1, 0.7), (-0.1, 0.8), (0.1, 0.9), (0.9, 1.2), (0.9, 1.3), (1.1, 1.1)]   # beside its control
+    assert "short recipe" in {t.get_text() for t in fig.legends[0].get_texts()}
+    plt.close(fig)
+    assert plots.why_it_ties({"suites": {}, "control": control}) is None
+
+
 def test_glue_merged_costs_needs_a_merged_run():
     assert plots.glue_merged_costs({"RTE": {"gate": [], "dynlora": []}}, "t") is None
     fig = plots.glue_merged_costs({"RTE": {"gate": [-1.0, 0.5]}, "MRPC": {"gate": [0.0]}}, "t")

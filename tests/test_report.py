@@ -216,8 +216,9 @@ def test_suites_come_smollm2_first_and_their_columns_and_paired_summary_are_the_
     rows += [run("RTE", "gate", s, 0.5 + d / 100, suite="default") for s, d in enumerate([1, 2, 3])]
     rows += [run("MRPC", "lora", 0, 0.7, suite="smollm2"), run("CoLA", "alloc", 0, 0.1, suite="aaa")]
     rows += [run("CoLA", "lora", 0, 0.2, suite="smollm2-alldata")]                   # a variant of the pretrained suite
+    rows += [run("CoLA", "lora", 0, 0.2, suite="tuned")]                             # the tuned recipe's suite
     suites = report.split_suites(rows)
-    assert list(suites) == ["smollm2", "smollm2-alldata", "aaa", "default"] and len(suites["default"]) == 6
+    assert list(suites) == ["smollm2", "smollm2-alldata", "tuned", "aaa", "default"] and len(suites["default"]) == 6
     tasks, methods, majority, weak = report.suite_columns(suites["default"], FIXTURES)
     assert (tasks, methods) == (["RTE"], ["lora", "gate"]) and weak == {"RTE"}     # majority 66.7 on the fixtures
     intervals, resolvable = report.paired_summary(suites["default"], tasks, methods)
@@ -239,6 +240,38 @@ def test_the_gates_table_shows_each_suites_input_dependence_mean_over_seeds():
     assert "| gate | 0.30 (sd 0.150); 5.5 ± 1.0; 0.010 bit (n=2) |" in text  # the other suite's record is not mixed in
     assert "400 dev examples per run" in text
     assert "depend on the input" not in report.render_report(rows, data_dir=FIXTURES)   # no records, no table
+
+
+def test_why_it_ties_gathers_each_suites_baselines_rank_sweep_gates_and_allocation_against_its_control():
+    ranks = {"gpt.blocks.0.attn.q_proj": 2, "gpt.blocks.0.attn.v_proj": 6,
+             "gpt.blocks.1.attn.q_proj": 4, "gpt.blocks.1.attn.v_proj": 4}             # q 6 of 16, v 10 of 16
+    assert report.projection_shares(ranks) == {"q_proj": 0.75, "v_proj": 1.25}       # share / the equal share 1/2
+    assert report.projection_shares(dict.fromkeys(ranks, 8)) == {"q_proj": 1.0, "v_proj": 1.0}
+    rows = [run("RTE", "lora", s, 0.50 + d / 100, suite="smollm2") for s, d in enumerate([0, 2, 4])]
+    rows += [run("RTE", "full", 0, 0.70, suite="smollm2"), run("RTE", "full", 1, 0.72, suite="smollm2")]
+    rows += [run("RTE", "alloc", s, 0.5, suite="smollm2", final_ranks=ranks) for s in range(2)]
+    rows += [run("RTE", "lora", s, 0.51 + d / 100, suite="smollm2-r4") for s, d in enumerate([0, 1, 5])]
+    rows += [run("RTE", "lora", 0, 0.9, suite="smollm2-r4x"), run("RTE", "lora", 0, 0.9, suite="other")]
+    rows += [dict(task="RTE", method="zero-shot", seed=0, last_score=0.55, backbone="runs/b")]
+    rows = [{**r, "backbone": "runs/b"} for r in rows]
+    gate = dict(task="RTE", method="gate", suite="smollm2", effective_rank_sd_tokens=1.0, gate_mi_label_bits=0.02)
+    gates = [{**gate, "mean_effective_rank": 5.0}, {**gate, "mean_effective_rank": 7.0, "effective_rank_sd_tokens": 0.0},
+             {**gate, "suite": "other", "mean_effective_rank": 1.0}]
+    control = [dict(scenario="homogeneous", method=m, layers=["blocks.0.attn.q_proj", "blocks.0.attn.v_proj"],
+                    final_ranks=[3, 5]) for m in ("alloc", "lora")]
+    control += [dict(scenario="heterogeneous", method="alloc", layers=["blocks.0.attn.q_proj"], final_ranks=[1])]
+    ev = report.tie_evidence(rows, gates, control, FIXTURES)
+    assert list(ev["suites"]) == ["smollm2"]                    # no "tuned" runs: no entry; the variants are not shown
+    short = ev["suites"]["smollm2"]
+    assert short["scores"]["RTE"] == pytest.approx({"majority": 100 * report.majority_score("RTE", FIXTURES),
+                                                    "zero-shot": 55.0, "lora": 52.0, "full": 71.0})
+    assert short["resolvable"]["RTE"] == pytest.approx((12.706, 2))      # alloc - LoRA: 0 and -2 points, sd sqrt 2
+    assert list(short["rank"]) == ["smollm2-r4"] and list(short["rank"]["smollm2-r4"]) == ["RTE"]   # not smollm2-r4x
+    assert short["rank"]["smollm2-r4"]["RTE"] == pytest.approx(runs.paired_ci([1.0, 0.0, 2.0]))    # 51-50, 52-52, 56-54
+    assert short["gates"] == {"gate": {"RTE": pytest.approx((6.0, 0.5, 0.02))}}        # the other suite's left out
+    assert short["projections"] == {"alloc": {"q_proj": 0.75, "v_proj": 1.25}}
+    assert ev["control"] == {"alloc": {"q_proj": 0.75, "v_proj": 1.25}}                # LoRA's ranks never move
+    assert report.tie_evidence(rows, gates, control, FIXTURES, names=("tuned",))["suites"] == {}
 
 
 def test_comparisons_across_suites_pair_by_task_and_seed_and_sit_after_the_pretrained_suites():

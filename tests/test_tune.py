@@ -209,6 +209,8 @@ def test_read_back_applies_the_choice_and_refuses_what_does_not_match(backbone, 
     applied, overrides = tune.apply_choice(cfg, {"alpha": 8.0}, flag)
     assert applied.lr == 3e-3 and overrides == {"alpha": 8.0, "r": 4} and applied.max_len == 32
     assert tune.apply_choice(train.FinetuneConfig(), {"r": 2}, flag) == (train.FinetuneConfig(), {"r": 2})
+    same = tune.apply_choice(train.dataclasses.replace(cfg, lr=3e-3), {"alpha": 8.0, "r": 4}, flag)   # flags that agree
+    assert same == (applied, overrides)
     refused = [
         (dict(cfg=dict(task="RTE")), "no choice for task RTE with method lora (it holds SST-2/lora)"),
         (dict(cfg=dict(method="gate")), "no choice for task SST-2 with method gate"),
