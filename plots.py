@@ -538,13 +538,13 @@ def why_it_ties(evidence: dict, claimed_gain: float = 1.0, labels: dict | None =
         return None
     labels = labels or {}
     marks = dict(zip(suites, "os^D"))
-    name = lambda s: labels.get(s, s)
     tasks = list(dict.fromkeys(t for ev in suites.values() for t in ev["scores"]))
     x = {t: i for i, t in enumerate(tasks)}
     shift = {s: 0.25 * (i - (len(suites) - 1) / 2) for i, s in enumerate(suites)}
     kinds = list(dict.fromkeys([k for ev in suites.values() for p in ev["projections"].values() for k in p]
                                + [k for p in evidence["control"].values() for k in p]))
-    allocating = list(dict.fromkeys([m for ev in suites.values() for m in ev["projections"]] + list(evidence["control"])))
+    allocating = list(dict.fromkeys([m for ev in suites.values() for m in ev["projections"]]
+                                    + list(evidence["control"])))
     off = {m: 0.2 * (i - (len(allocating) - 1) / 2) for i, m in enumerate(allocating)}
     fig, ax = plt.subplots(1, 5, figsize=(19, 3.9))
     for t in tasks:                         # (1) what training adds: the baselines of the backbone, once per task
@@ -559,7 +559,7 @@ def why_it_ties(evidence: dict, claimed_gain: float = 1.0, labels: dict | None =
                     ax[0].plot(x[t] + shift[s], sc[m], marks[s], color=method_color(m))
         half = {t: h for t, (h, n) in ev["resolvable"].items() if h is not None}   # (2) the noise floor
         ax[1].bar([x[t] + shift[s] for t in half], list(half.values()), width=0.22, color="tab:blue", alpha=0.5,
-                  hatch="" if s == next(iter(suites)) else "//", label=name(s))
+                  hatch="" if s == next(iter(suites)) else "//", label=labels.get(s, s))
         for sweep, cells in ev["rank"].items():                         # (3) LoRA's rank
             for t, (mean, h, n) in cells.items():
                 ax[2].errorbar(x[t] + shift[s], mean, yerr=h or 0, fmt=marks[s], color=method_color("lora"), capsize=3,
@@ -590,7 +590,7 @@ def why_it_ties(evidence: dict, claimed_gain: float = 1.0, labels: dict | None =
     ax[4].set_xticks(range(len(kinds)), [k.removesuffix("_proj") for k in kinds], fontsize=8)
     ax[4].set(title="allocation: budget share / equal share", ylabel="1 = the same rank everywhere")
     from matplotlib.lines import Line2D
-    handles = [Line2D([], [], ls="", marker=marks[s], color="grey", label=name(s)) for s in suites]
+    handles = [Line2D([], [], ls="", marker=marks[s], color="grey", label=labels.get(s, s)) for s in suites]
     handles += [Line2D([], [], ls="", marker="_", ms=10, mew=2, color="k", label="majority class"),
                 Line2D([], [], ls="", marker="x", color="grey", label="zero-shot prompt"),
                 Line2D([], [], color="k", ls="--", lw=1, label=f"a {claimed_gain:g}-point gain (claimed size)"),

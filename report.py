@@ -828,11 +828,10 @@ def tie_evidence(results: list, gates: list, planted_rows: list, data_dir, names
         rows = suites[name]
         tasks, methods, majority, _ = suite_columns(rows, data_dir)
         zero = zero_shot_scores(results, rows)
-        mean = lambda t, m: (100 * float(np.mean([r["last_score"] for r in _runs(rows, t, m)]))
-                             if _runs(rows, t, m) else None)
         scores = {t: {"majority": None if majority[t] is None else 100 * majority[t],
-                      "zero-shot": 100 * zero[t] if t in zero else None, BASELINE: mean(t, BASELINE),
-                      dynlora.FULL: mean(t, dynlora.FULL)} for t in tasks}
+                      "zero-shot": 100 * zero[t] if t in zero else None,
+                      **{m: None if (mean := _mean_score(rows, t, m)) is None else 100 * mean
+                         for m in (BASELINE, dynlora.FULL)}} for t in tasks}
         sweeps = sorted(s for s in suites if re.fullmatch(re.escape(name) + r"-r\d+", s))
         rank = {s: {t: iv for t in tasks
                     if (iv := runs.paired_ci(cross_suite_diffs(suites, (s, BASELINE), (name, BASELINE), t)))[2]}

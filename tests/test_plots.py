@@ -63,14 +63,16 @@ def test_why_it_ties_puts_each_measure_in_its_panel_at_its_task_or_projection():
     control = {"alloc": {"q_proj": 0.7, "v_proj": 1.3}, "adalora": {"q_proj": 0.9, "v_proj": 1.1}}
     fig = plots.why_it_ties({"suites": {"smollm2": suite}, "control": control}, 1.0, {"smollm2": "short recipe"})
     adds, floor, rank, gates, alloc = fig.axes[:5]
-    points = lambda ax: sorted((round(x, 2), round(y, 2)) for line in ax.get_lines()
-                               for x, y in zip(line.get_xdata(), line.get_ydata()) if line.get_linestyle() in ("None", ""))
+
+    def points(ax):                                     # (x, y) of every marker drawn without a line
+        return sorted((round(x, 2), round(y, 2)) for line in ax.get_lines() if line.get_linestyle() in ("None", "")
+                      for x, y in zip(line.get_xdata(), line.get_ydata()))
     assert points(adds) == [(0, -2.0), (0, 0.0), (0, 14.0), (0, 21.0), (1, 52.7), (1, 57.0)]   # CoLA 0, RTE 1
     assert [round(b.get_height(), 1) for b in floor.patches] == [8.2]            # RTE has no resolvable difference
     assert (1, -0.2) in points(rank) and "r=4" in _texts(fig)
     assert (0, 8.0) in points(gates)
     assert [t.get_text() for t in alloc.get_xticklabels()] == ["q", "v"]
-    assert points(alloc) == [(-0.1, 0.7), (-0.1, 0.8), (0.1, 0.9), (0.9, 1.2), (0.9, 1.3), (1.1, 1.1)]   # beside its control
+    assert points(alloc) == [(-0.1, 0.7), (-0.1, 0.8), (0.1, 0.9), (0.9, 1.2), (0.9, 1.3), (1.1, 1.1)]   # by control
     assert "short recipe" in {t.get_text() for t in fig.legends[0].get_texts()}
     plt.close(fig)
     assert plots.why_it_ties({"suites": {}, "control": control}) is None

@@ -255,8 +255,8 @@ def test_why_it_ties_gathers_each_suites_baselines_rank_sweep_gates_and_allocati
     rows += [dict(task="RTE", method="zero-shot", seed=0, last_score=0.55, backbone="runs/b")]
     rows = [{**r, "backbone": "runs/b"} for r in rows]
     gate = dict(task="RTE", method="gate", suite="smollm2", effective_rank_sd_tokens=1.0, gate_mi_label_bits=0.02)
-    gates = [{**gate, "mean_effective_rank": 5.0}, {**gate, "mean_effective_rank": 7.0, "effective_rank_sd_tokens": 0.0},
-             {**gate, "suite": "other", "mean_effective_rank": 1.0}]
+    gates = [{**gate, "mean_effective_rank": 5.0}, {**gate, "suite": "other", "mean_effective_rank": 1.0},
+             {**gate, "mean_effective_rank": 7.0, "effective_rank_sd_tokens": 0.0}]
     control = [dict(scenario="homogeneous", method=m, layers=["blocks.0.attn.q_proj", "blocks.0.attn.v_proj"],
                     final_ranks=[3, 5]) for m in ("alloc", "lora")]
     control += [dict(scenario="heterogeneous", method="alloc", layers=["blocks.0.attn.q_proj"], final_ranks=[1])]
