@@ -355,6 +355,14 @@ def allocation_table(rows, tasks, methods, labels) -> list:
     return lines
 
 
+def gate_means(records: list) -> tuple[float, float, float | None]:
+    """(effective rank per token, its sd across tokens, label information in bits, None where no record has it)
+    of `cli.py gates` records, each the mean over the records (the seeds of one task and method)."""
+    mi = [g["gate_mi_label_bits"] for g in records if g.get("gate_mi_label_bits") is not None]
+    return (float(np.mean([g["mean_effective_rank"] for g in records])),
+            float(np.mean([g["effective_rank_sd_tokens"] for g in records])), float(np.mean(mi)) if mi else None)
+
+
 def gates_table(gates: list, tasks, labels) -> list:
     """How much the gates depend on the input on dev (records of `cli.py gates`, one per gated run): the
     token share of the gate variance, the effective rank per token (mean +- its spread across tokens) and the
@@ -379,12 +387,10 @@ def gates_table(gates: list, tasks, labels) -> list:
                 cells.append("—")
                 continue
             share = np.mean([g["token_share"] for g in mine if g["token_share"] is not None])
-            rank = np.mean([g["mean_effective_rank"] for g in mine])
-            sd = np.mean([g["effective_rank_sd_tokens"] for g in mine])
-            mi = [g["gate_mi_label_bits"] for g in mine if g.get("gate_mi_label_bits") is not None]
+            rank, sd, mi = gate_means(mine)
             token_sd = np.mean([math.sqrt(g["gate_var_tokens"]) for g in mine])
             cells.append(f"{share:.2f} (sd {token_sd:.3f}); {rank:.1f} ± {sd:.1f}"
-                         + (f"; {np.mean(mi):.3f} bit" if mi else "") + f" (n={len(mine)})")
+                         + (f"; {mi:.3f} bit" if mi is not None else "") + f" (n={len(mine)})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 
@@ -817,8 +823,7 @@ def tie_evidence(results: list, gates: list, planted_rows: list, data_dir, names
       "resolvable":  {task: (half-width or None, n)}: the smallest difference its seeds resolve (paired_summary),
       "rank":        {"<suite>-r<k>": {task: (mean, half, n)}}: LoRA of the suite "<suite>-r<k>" (rank k) minus
                      the suite's LoRA, paired by seed,
-      "gates":       {method: {task: (components open per token, their sd across tokens, label information in
-                     bits or None)}}: means over the records of `cli.py gates`,
+      "gates":       {method: {task: gate_means of its records of `cli.py gates`}},
       "projections": {method: {projection: mean projection_shares of the final ranks}}}},
     and under "control" {allocating method: the same shares in the known-answer benchmark's homogeneous
     scenario, where every layer needs the same rank}."""
@@ -837,12 +842,8 @@ def tie_evidence(results: list, gates: list, planted_rows: list, data_dir, names
                     if (iv := runs.paired_ci(cross_suite_diffs(suites, (s, BASELINE), (name, BASELINE), t)))[2]}
                 for s in sweeps}
         mine = [g for g in gates if suite_of(g) == name]
-        gated = {m: {t: (float(np.mean([g["mean_effective_rank"] for g in gs])),
-                         float(np.mean([g["effective_rank_sd_tokens"] for g in gs])),
-                         None if any(g.get("gate_mi_label_bits") is None for g in gs)
-                         else float(np.mean([g["gate_mi_label_bits"] for g in gs])))
-                     for t in tasks if (gs := [g for g in mine if g["method"] == m and g["task"] == t])}
-                 for m in gated_methods()}
+        gated = {m: {t: gate_means(gs) for t in tasks
+                     if (gs := [g for g in mine if g["method"] == m and g["task"] == t])} for m in gated_methods()}
         patterns = {m: [projection_shares(r["final_ranks"]) for r in rows if r["method"] == m and r.get("final_ranks")]
                     for m in methods}
         out[name] = {"scores": scores, "resolvable": paired_summary(rows, tasks, methods)[1], "rank": rank,
