@@ -184,8 +184,9 @@ def _printed(cell) -> str:
 
 def execute(path: Path, write: bool = False, timeout: int = 1800):
     """Run a notebook top to bottom in a fresh kernel (working folder: its own), solutions included; raises on
-    the first error. With write=True, the outputs are stored in the file: the cells' as usual, each solution's
-    printed text under its code in the <details> block. Returns the executed notebook (solutions as cells)."""
+    the first error. With write=True, the outputs are stored in the file: the cells' as usual (numbered 1..n in
+    the order they ran), each solution's printed text under its code in the <details> block. Returns the
+    executed notebook (solutions as cells)."""
     import nbformat
     from nbclient import NotebookClient
     path = Path(path)
@@ -206,6 +207,12 @@ def execute(path: Path, write: bool = False, timeout: int = 1800):
             owner.source = owner.source[:match.start()] + block + owner.source[match.end():]
         executed = copy.deepcopy(nb)
         executed.cells = kept
+        code = [c for c in executed.cells if c.cell_type == "code"]
+        for n, cell in enumerate(code, 1):        # the solutions ran between these cells: number them 1..n
+            cell.execution_count = n
+            for out in cell.outputs:
+                if out.output_type == "execute_result":
+                    out.execution_count = n
         nbformat.write(executed, path)
     return nb
 
