@@ -182,11 +182,33 @@ def _printed(cell) -> str:
     return text if text.endswith("\n") or not text else text + "\n"
 
 
+def _shown(line: str) -> str:
+    """A line as a terminal shows it after its carriage returns: the last part that is not blank (a progress
+    bar redraws itself after \\r, and clears itself with a blank part before a message)."""
+    parts = [part for part in line.split("\r") if part.strip()]
+    return parts[-1] if parts else line.replace("\r", "")
+
+
+def coalesced(outputs: list) -> list:
+    """A cell's outputs with each run of consecutive stream outputs of one stream (stdout, stderr) joined into
+    one, each line as displayed (_shown): a progress bar is stored as its last state, not as every update."""
+    kept = []
+    for out in outputs:
+        if out.output_type == "stream" and kept and kept[-1].output_type == "stream" and kept[-1].name == out.name:
+            kept[-1].text += out.text
+        else:
+            kept.append(out)
+    for out in kept:
+        if out.output_type == "stream":
+            out.text = "\n".join(_shown(line) for line in out.text.split("\n"))
+    return kept
+
+
 def execute(path: Path, write: bool = False, timeout: int = 1800):
     """Run a notebook top to bottom in a fresh kernel (working folder: its own), solutions included; raises on
-    the first error. With write=True, the outputs are stored in the file: the cells' as usual (numbered 1..n in
-    the order they ran), each solution's printed text under its code in the <details> block. Returns the
-    executed notebook (solutions as cells)."""
+    the first error. With write=True, the outputs are stored in the file: the cells' as displayed (numbered 1..n
+    in the order they ran; their streams `coalesced`), each solution's printed text under its code in the
+    <details> block. Returns the executed notebook (solutions as cells)."""
     import nbformat
     from nbclient import NotebookClient
     path = Path(path)
@@ -210,6 +232,7 @@ def execute(path: Path, write: bool = False, timeout: int = 1800):
         code = [c for c in executed.cells if c.cell_type == "code"]
         for n, cell in enumerate(code, 1):        # the solutions ran between these cells: number them 1..n
             cell.execution_count = n
+            cell.outputs = coalesced(cell.outputs)
             for out in cell.outputs:
                 if out.output_type == "execute_result":
                     out.execution_count = n

@@ -79,6 +79,18 @@ def test_solutions_are_folded_and_run_where_they_stand(tmp_path):
     assert nbformat.read(path, as_version=4).cells[1].source == md.replace("stale", "42")
 
 
+def test_a_progress_bar_is_stored_as_displayed(tmp_path):
+    """execute(write=True) stores a cell's consecutive stream outputs as one, each line as it is displayed after
+    its carriage returns: a progress bar's last state, not every update."""
+    bar = ("import sys\nfor i in range(3):\n    sys.stderr.write(f'\\rbar {i}'); sys.stderr.flush()\n"
+           "sys.stderr.write('\\r      \\r'); sys.stderr.flush()\n_ = sys.stderr.write('\\rbar 3\\ndone\\n')")
+    path = tmp_path / "bar.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[new_code_cell(bar)]), path)
+    tutorial.execute(path, write=True, timeout=60)
+    outputs = nbformat.read(path, as_version=4).cells[0].outputs
+    assert [(o.output_type, o.name, o.text) for o in outputs] == [("stream", "stderr", "bar 3\ndone\n")]
+
+
 def test_no_code_cell_is_hidden():
     """Solutions fold in Markdown: a code cell's source_hidden flag shows it in full on GitHub."""
     for path in NOTEBOOKS:
