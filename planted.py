@@ -727,3 +727,50 @@ def summary_table(rows: list[dict]) -> str:
                      f"| {d} | {f(s['budget_share'], '.2f')} | {f(s['rank_spearman'], '.2f')} "
                      f"| {f(s['gate_mi_bits'])} | {var} | {f(s['rel_error_frozen_gates'])} | {f(s['wall_s'], '.0f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _verdict(diff) -> str:
+    """A method against LoRA from summarize's diff_to_lora (mean, low, high): better (the interval is below 0:
+    a lower error), worse (above 0) or tie."""
+    if diff is None or math.isnan(diff[1]):
+        return "tie"
+    return "better" if diff[2] < 0 else "worse" if diff[1] > 0 else "tie"
+
+
+def precision_table(reference: list[dict], other: list[dict], names: tuple = ("fp32", "bf16")) -> str:
+    """Whether a lower precision changes the benchmark's answers: two runs of it that differ only in
+    --precision (same code, seeds, machine), paired by (scenario, method, seed).
+
+    Per (scenario, method): each precision's relative error (mean ± sd over seeds), the paired difference
+    other - reference with its 95% t interval, whether that interval stays within the reference seeds' own
+    spread (it does not exclude 0 by more than their sd: a change smaller than seed-to-seed variation changes
+    no conclusion), and the verdict against LoRA in each precision (summarize's interval: better / tie /
+    worse). A markdown table and, under it, how many rows keep their verdict and stay within the spread."""
+    ref = {(s["scenario"], s["method"]): s for s in summarize(reference)}
+    oth = {(s["scenario"], s["method"]): s for s in summarize(other)}
+    errors = {(r["scenario"], r["method"], r["seed"]): r["rel_error"] for r in reference}
+    a, b = names
+    lines = [f"| scenario | method | n | {a} error (mean ± sd) | {b} error (mean ± sd) | {b} − {a} [95% CI] "
+             f"| within the {a} seeds' sd | verdict vs lora, {a} → {b} |", "|---|---|---|---|---|---|---|---|"]
+    kept = compared = within = rows = 0
+    for key in [k for k in ref if k in oth]:
+        diffs = [r["rel_error"] - errors[key + (r["seed"],)] for r in other
+                 if (r["scenario"], r["method"]) == key and key + (r["seed"],) in errors]
+        if not diffs:
+            continue
+        mean, half, n = runs.paired_ci(diffs)
+        sd = ref[key]["rel_error_sd"] or 0.0
+        low, high = (mean, mean) if half is None else (mean - half, mean + half)
+        ok = not (low > sd or high < -sd)
+        va, vb = (("—", "—") if key[1] == "lora" else (_verdict(ref[key].get("diff_to_lora")),
+                                                       _verdict(oth[key].get("diff_to_lora"))))
+        rows, within = rows + 1, within + ok
+        compared, kept = compared + (key[1] != "lora"), kept + (key[1] != "lora" and va == vb)
+        ci = f"{mean:+.4f}" + ("" if half is None else f" [{low:+.4f}, {high:+.4f}]")
+        sds = [f"{s['rel_error']:.4f} ± " + ("—" if s["rel_error_sd"] is None else f"{s['rel_error_sd']:.4f}")
+               for s in (ref[key], oth[key])]
+        lines.append(f"| {key[0]} | {key[1]} | {n} | {sds[0]} | {sds[1]} | {ci} | {'yes' if ok else '**no**'} "
+                     f"| {va if va == vb else f'**{va} → {vb}**'} |")
+    lines.append(f"\n{within} of {rows} (scenario, method) rows within the {a} seeds' spread; the verdict against "
+                 f"LoRA the same in {kept} of {compared}.")
+    return "\n".join(lines) + "\n"

@@ -43,6 +43,7 @@ functions, never by hand.
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->
 HEADLINE_SUITE = "smollm2"                  # the suite whose paired differences the headline shows
 HEADLINE_SUITE_LABEL = "SmolLM2-135M, the short CPU recipe"      # what that suite is, in the headline's words
 HEADLINE_FIGURE = "headline.png"            # in the results folder: the headline drawn (plots.headline)
+PRECISION_DIR = "precision"                 # in the results folder: the known-answer benchmark in fp32/ and bf16/
 
 TASK_ORDER = ["CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "WNLI"]
 BASELINE = "lora"                                               # every paired difference is to LoRA
@@ -406,6 +408,8 @@ CROSS_SUITE = [
     (("smollm2-gatelr30", "gate"), ("smollm2", "gate"), "what the gates' own learning rate changes"),
     (("smollm2-gatelr30", "gate"), ("smollm2-r4", "lora"), "gates that move against LoRA at their effective rank"),
     (("smollm2-r4", "lora"), ("smollm2", "lora"), "LoRA's rank: 4 against 8"),
+    (("smollm2-bf16", "lora"), ("smollm2-fp32", "lora"), "bf16 autocast against fp32, same machine: LoRA"),
+    (("smollm2-bf16", "dynlora"), ("smollm2-fp32", "dynlora"), "bf16 autocast against fp32, same machine: dynlora"),
 ]
 
 
@@ -488,8 +492,19 @@ def render_suite(suite: str, rows: list, data_dir, gates: list = (), zero_shot: 
         if table:
             lines += table + [""]
     machines, commits = sorted({r["machine"] for r in rows}), sorted({r["commit"] for r in rows})
-    lines.append(f"Machine: {'; '.join(machines)}. Commits: {', '.join(commits)}.\n")
+    lines.append(f"Machine: {'; '.join(machines)}. Commits: {', '.join(commits)}. {precision_note(rows)}\n")
     return "\n".join(lines)
+
+
+def precision_note(rows: list) -> str:
+    """The precision of a suite's runs ("fp32" for lines written before records carried it), and a warning
+    where one suite mixes precisions: its paired differences then compare runs that differ in more than the
+    method."""
+    counts = Counter(r.get("precision") or "fp32" for r in rows)
+    if len(counts) == 1:
+        return f"Precision: {next(iter(counts))}."
+    return ("**Precision: mixed** -- " + ", ".join(f"{p} ({n} runs)" for p, n in sorted(counts.items()))
+            + "; a paired difference may compare two precisions.")
 
 
 def render_report(results: list, bench: dict | None = None, data_dir=None, gates: list = ()) -> str:
@@ -559,6 +574,21 @@ def render_bench(bench: dict, only: str | None = None) -> str:
     if bench.get("note"):
         lines.append(f"\nNote: {bench['note']}")
     return "\n".join(lines) + "\n"
+
+
+def render_precision_check(folder: Path) -> str:
+    """The known-answer benchmark run twice, differing only in --precision (folder/fp32 and folder/bf16, each
+    `python cli.py planted --results-dir` of its own), as planted.precision_table; "" until both exist."""
+    rows = {p: runs.load_jsonl(Path(folder) / p / planted.RESULTS_FILE) for p in ("fp32", "bf16")}
+    if not all(rows.values()):
+        return ""
+    machines = sorted({r["machine"] for rs in rows.values() for r in rs})
+    commits = sorted({r["commit"] for rs in rows.values() for r in rs})
+    where = f"{Path(folder).parent.name}/{Path(folder).name}/"
+    return (f"\n**bf16 against fp32, known-answer benchmark** (`python cli.py planted --precision bf16` paired by "
+            f"seed with `--precision fp32`, results in `{where}`; relative error, lower is better):\n\n"
+            + planted.precision_table(rows["fp32"], rows["bf16"])
+            + f"\nMachine: {'; '.join(machines)}. Commits: {', '.join(commits)}.\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -890,6 +920,7 @@ def write_report(page: Path = RESULTS_PAGE, results_dir: Path = runs.RESULTS_DIR
     planted_rows = runs.load_jsonl(results_dir / "planted.jsonl")
     if planted_rows:
         report += "\n" + planted.summary_table(planted_rows)
+    report += render_precision_check(results_dir / PRECISION_DIR)
     import_path = results_dir / "import.json"
     if import_path.is_file():
         report += "\n" + render_import(json.loads(import_path.read_text()))

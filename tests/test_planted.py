@@ -284,3 +284,28 @@ def test_the_students_precision_is_part_of_a_result_only_when_it_is_not_fp32(mon
         planted.run_id(fp32, "input", "gate", 0)                # auto resolves to fp32 here: the same result
     with pytest.raises(ValueError, match="--precision fp16 needs a CUDA device"):
         planted.PlantedConfig(precision="fp16")
+
+
+def _precision_rows(errors: dict) -> list:
+    """Benchmark lines from {(scenario, method): [rel_error per seed]}."""
+    return [dict(scenario=s, method=m, seed=i, rel_error=e) for (s, m), es in errors.items() for i, e in enumerate(es)]
+
+
+def test_the_precision_table_pairs_by_seed_and_flags_a_shift_beyond_the_seeds_spread_and_a_changed_verdict():
+    fp32 = {("input", "lora"): [0.50, 0.52, 0.48], ("input", "gate"): [0.30, 0.33, 0.27],
+            ("heterogeneous", "lora"): [0.20, 0.22, 0.18], ("heterogeneous", "alloc"): [0.19, 0.23, 0.18]}
+    same = planted.precision_table(_precision_rows(fp32), _precision_rows(fp32))
+    assert "| input | gate | 3 |" in same and "| +0.0000 | yes | better |" in same      # equal: no interval, kept
+    assert "4 of 4 (scenario, method) rows within the fp32 seeds' spread; the verdict against LoRA the same in 2 of 2" \
+        in same
+    # bf16 moves gate up by 0.2 +- 0.001 on every seed: far beyond fp32's sd (0.03), and gate now ties LoRA
+    bf16 = {**fp32, ("input", "gate"): [0.50, 0.531, 0.469]}
+    shifted = planted.precision_table(_precision_rows(fp32), _precision_rows(bf16))
+    gate = next(line for line in shifted.splitlines() if line.startswith("| input | gate |"))
+    assert "**no**" in gate and "**better → tie**" in gate and "[+0.1" in gate
+    assert "3 of 4 (scenario, method) rows" in shifted and "the same in 1 of 2" in shifted
+    # a shift as large as the spread but within it: the interval may exclude 0, the row stays "yes"
+    small = {**fp32, ("heterogeneous", "alloc"): [0.20, 0.241, 0.19]}          # +0.01, +0.011, +0.01
+    alloc = next(line for line in planted.precision_table(_precision_rows(fp32), _precision_rows(small)).splitlines()
+                 if line.startswith("| heterogeneous | alloc |"))
+    assert "| yes |" in alloc, alloc

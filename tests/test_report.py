@@ -427,3 +427,16 @@ def test_the_repositorys_pages_have_their_markers_and_the_readme_links_the_headl
     assert page.count(report.RESULTS_START) == page.count(report.RESULTS_END) == 1
     assert f"(results/{report.HEADLINE_FIGURE})" in readme and "(RESULTS.md)" in readme
 
+
+
+def test_a_suite_that_mixes_precisions_says_so_and_the_precision_check_renders_once_both_runs_exist(tmp_path):
+    assert report.precision_note([{"precision": "bf16"}, {"precision": "bf16"}]) == "Precision: bf16."
+    assert report.precision_note([{}, {"precision": "fp32"}]) == "Precision: fp32."       # older lines: fp32
+    mixed = report.precision_note([{"precision": "bf16"}, {}, {"precision": "fp32"}])
+    assert mixed.startswith("**Precision: mixed**") and "bf16 (1 runs), fp32 (2 runs)" in mixed
+    assert report.render_precision_check(tmp_path) == ""                                   # nothing run yet
+    line = dict(scenario="input", method="lora", seed=0, rel_error=0.5, machine="m", commit="c")
+    for p in ("fp32", "bf16"):
+        (tmp_path / p).mkdir()
+        runs.append_jsonl(tmp_path / p / "planted.jsonl", line)
+        assert ("| input | lora | 1 |" in report.render_precision_check(tmp_path)) == (p == "bf16")
