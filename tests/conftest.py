@@ -10,6 +10,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import runtime  # noqa: E402
 from cli import main as cli_main  # noqa: E402  (needs the path above)
 
 FIXTURES = REPO / "tests" / "fixtures" / "glue"
@@ -32,6 +33,10 @@ def offline_and_threads(monkeypatch):
     """No test may reach the network (downloads go to a closed local port); the thread count is restored
     after a run with --threads 1."""
     monkeypatch.setenv("GLUE_BASE_URL", "http://127.0.0.1:9")
+    # --precision auto means fp32 in every test, whatever the CPU: the tests compare runs to the last digit,
+    # which bf16 autocast (auto's choice on a CPU with native bf16) would not keep. test_scale checks both
+    # branches of the choice itself; its subprocesses pass --precision fp32.
+    monkeypatch.setattr(runtime, "cpu_native_bf16", lambda: False)
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

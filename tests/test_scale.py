@@ -32,7 +32,7 @@ def finetune_args(backbone, run, method="dynlora", task="SST-2", epochs=2, *extr
     adapter = SCHEDULE if method in ("alloc", "dynlora", "adalora") else []
     return ["finetune", "--task", task, "--method", method, "--backbone", backbone, "--data-dir", FIXTURES,
             "--epochs", epochs, "--batch-size", "2", "--max-len", "32", "--out-dir", run / "run",
-            "--results-dir", run / "results", "--threads", "1", *adapter, *extra]
+            "--results-dir", run / "results", "--threads", "1", "--precision", "fp32", *adapter, *extra]
 
 
 # A cli.py process that blocks (sleeps) inside its N-th optimizer step, after the forward and backward
@@ -266,7 +266,7 @@ def test_auto_picks_bf16_exactly_on_cpus_that_compute_it_natively(monkeypatch):
 
 
 def test_a_run_prints_its_precision_and_why(backbone, tmp_path, capsys):
-    code, message = cli(*finetune_args(backbone, tmp_path, "lora", "SST-2", 1))
+    code, message = cli(*finetune_args(backbone, tmp_path, "lora", "SST-2", 1, "--precision", "auto"))
     assert code == 0, message
     native = runtime.cpu_native_bf16()
     assert ("precision bf16 autocast (--precision auto; this CPU computes bf16 natively" if native else
@@ -425,7 +425,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(backbon
 
 def test_pretraining_on_two_gloo_processes_matches_one_process(tmp_path):
     # --holdout 0.2: 428 held-out tokens, 3 validation batches, shared out 2 + 1 over the two processes.
-    args = ["pretrain", "--data-dir", FIXTURES, *NANO, "--max-steps", "6", "--eval-every", "3", "--holdout", "0.2"]
+    args = ["pretrain", "--data-dir", FIXTURES, *NANO, "--max-steps", "6", "--eval-every", "3", "--holdout", "0.2",
+            "--precision", "fp32"]
     code, message = cli(*args, "--out-dir", tmp_path / "one")
     assert code == 0, message
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLUE_BASE_URL": "http://127.0.0.1:9"}
