@@ -130,7 +130,7 @@ def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(ba
 
 
 def test_sigkill_during_pretraining_then_resume(tmp_path):
-    args = ["pretrain", "--data-dir", FIXTURES, *NANO]
+    args = ["pretrain", "--data-dir", FIXTURES, *NANO, "--precision", "fp32"]
     code, message = cli(*args, "--out-dir", tmp_path / "whole")
     assert code == 0, message
     broken = ["--out-dir", tmp_path / "broken", "--save-every", "4"]
