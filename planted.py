@@ -729,14 +729,6 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _verdict(diff) -> str:
-    """A method against LoRA from summarize's diff_to_lora (mean, low, high): better (the interval is below 0:
-    a lower error), worse (above 0) or tie."""
-    if diff is None or math.isnan(diff[1]):
-        return "tie"
-    return "better" if diff[2] < 0 else "worse" if diff[1] > 0 else "tie"
-
-
 def precision_table(reference: list[dict], other: list[dict], names: tuple = ("fp32", "bf16")) -> str:
     """Whether a lower precision changes the benchmark's answers: two runs of it that differ only in
     --precision (same code, seeds, machine), paired by (scenario, method, seed).
@@ -762,8 +754,8 @@ def precision_table(reference: list[dict], other: list[dict], names: tuple = ("f
         sd = ref[key]["rel_error_sd"] or 0.0
         low, high = (mean, mean) if half is None else (mean - half, mean + half)
         ok = not (low > sd or high < -sd)
-        va, vb = (("—", "—") if key[1] == "lora" else (_verdict(ref[key].get("diff_to_lora")),
-                                                       _verdict(oth[key].get("diff_to_lora"))))
+        va, vb = (("—", "—") if key[1] == "lora" else       # diff_to_lora: (mean, low, high); a lower error is better
+                  [runs.verdict(*(s[key].get("diff_to_lora") or (None,) * 3)[1:], False) for s in (ref, oth)])
         rows, within = rows + 1, within + ok
         compared, kept = compared + (key[1] != "lora"), kept + (key[1] != "lora" and va == vb)
         ci = f"{mean:+.4f}" + ("" if half is None else f" [{low:+.4f}, {high:+.4f}]")

@@ -410,6 +410,7 @@ CROSS_SUITE = [
     (("smollm2-r4", "lora"), ("smollm2", "lora"), "LoRA's rank: 4 against 8"),
     (("smollm2-bf16", "lora"), ("smollm2-fp32", "lora"), "bf16 autocast against fp32, same machine: LoRA"),
     (("smollm2-bf16", "dynlora"), ("smollm2-fp32", "dynlora"), "bf16 autocast against fp32, same machine: dynlora"),
+    (("tuned", "lora"), ("tuned-fp32", "lora"), "bf16 autocast against fp32 at the tuned recipe: LoRA (two CPUs)"),
 ]
 
 
@@ -491,9 +492,14 @@ def render_suite(suite: str, rows: list, data_dir, gates: list = (), zero_shot: 
                   allocation_table(rows, tasks, methods, labels)):
         if table:
             lines += table + [""]
-    machines, commits = sorted({r["machine"] for r in rows}), sorted({r["commit"] for r in rows})
-    lines.append(f"Machine: {'; '.join(machines)}. Commits: {', '.join(commits)}. {precision_note(rows)}\n")
+    lines.append(f"{provenance(rows)} {precision_note(rows)}\n")
     return "\n".join(lines)
+
+
+def provenance(rows: list) -> str:
+    """Where result lines came from: "Machine: <each CPU/GPU line>. Commits: <each commit>." """
+    machines, commits = sorted({r["machine"] for r in rows}), sorted({r["commit"] for r in rows})
+    return f"Machine: {'; '.join(machines)}. Commits: {', '.join(commits)}."
 
 
 def precision_note(rows: list) -> str:
@@ -582,13 +588,11 @@ def render_precision_check(folder: Path) -> str:
     rows = {p: runs.load_jsonl(Path(folder) / p / planted.RESULTS_FILE) for p in ("fp32", "bf16")}
     if not all(rows.values()):
         return ""
-    machines = sorted({r["machine"] for rs in rows.values() for r in rs})
-    commits = sorted({r["commit"] for rs in rows.values() for r in rs})
     where = f"{Path(folder).parent.name}/{Path(folder).name}/"
     return (f"\n**bf16 against fp32, known-answer benchmark** (`python cli.py planted --precision bf16` paired by "
             f"seed with `--precision fp32`, results in `{where}`; relative error, lower is better):\n\n"
             + planted.precision_table(rows["fp32"], rows["bf16"])
-            + f"\nMachine: {'; '.join(machines)}. Commits: {', '.join(commits)}.\n")
+            + f"\n{provenance(rows['fp32'] + rows['bf16'])}\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -678,12 +682,6 @@ def tune_progress(lines: list) -> str:
 # resolve the smallest difference (and a count over its other tasks); on the known-answer benchmark, in each
 # scenario. A cell's verdict is "better" or "worse" when its 95% interval excludes 0, else "tie".
 
-def _verdict(low, high, higher_is_better: bool) -> str:
-    if low is None or high is None or math.isnan(low) or math.isnan(high) or (low <= 0 <= high):
-        return "tie"
-    return "better" if (low > 0) == higher_is_better else "worse"
-
-
 def headline_numbers(results: list, planted_rows: list) -> dict:
     """{"suite", "task", "resolvable", "glue": {method: (mean, half or None, n)}, "others": {method: [better,
     tie, worse] over the suite's other tasks}, "planted": {scenario: {method: (mean, low, high)}}} of the
@@ -701,7 +699,7 @@ def headline_numbers(results: list, planted_rows: list) -> dict:
         for t in tasks:
             mean, half, n = intervals[(t, m)]
             if t != task and half is not None:                  # only the tasks with an interval count
-                counts[_verdict(mean - half, mean + half, True)] += 1
+                counts[runs.verdict(mean - half, mean + half, True)] += 1
         others[m] = [counts["better"], counts["tie"], counts["worse"]]
     known = {}
     for row in planted.summarize(planted_rows):
@@ -747,7 +745,7 @@ def render_headline(numbers: dict) -> str:
                 continue
             mean, low, high = known[s][m]
             interval = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"
-            verdict = _verdict(low, high, False)
+            verdict = runs.verdict(low, high, False)
             cells.append(f"{mean:+.3f}{interval} " + (f"**{verdict}**" if verdict == "better" else verdict))
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
@@ -782,7 +780,7 @@ def conclusion(numbers: dict, tune_lines: list = ()) -> str:
     if task:
         half, n = numbers["resolvable"]
         glue = numbers["glue"]
-        verdicts = {m: _verdict(mean - h, mean + h, True) if h is not None else "tie" for m, (mean, h, _) in
+        verdicts = {m: runs.verdict(mean - h, mean + h, True) if h is not None else "tie" for m, (mean, h, _) in
                     glue.items()}
         better = [m for m, v in verdicts.items() if v == "better"]
         others = numbers["others"]
@@ -802,7 +800,7 @@ def conclusion(numbers: dict, tune_lines: list = ()) -> str:
     if known:
         parts, as_expected = [], True
         for scenario in (s for s in planted.SCENARIOS if s in known):
-            verdicts = {m: _verdict(low, high, False) for m, (_, low, high) in known[scenario].items()}
+            verdicts = {m: runs.verdict(low, high, False) for m, (_, low, high) in known[scenario].items()}
             won = [m for m, v in verdicts.items() if v == "better"]
             lost = [m for m, v in verdicts.items() if v == "worse"]
             expected = [m for m in known[scenario] if EXPECTED_WINNERS[scenario](dynlora.METHODS[m])]
@@ -825,7 +823,7 @@ def _headline_glue_cell(interval) -> str:
         return "—"
     if half is None:
         return f"{_signed(mean)} (n={n}, no interval)"
-    verdict = _verdict(mean - half, mean + half, True)
+    verdict = runs.verdict(mean - half, mean + half, True)
     return f"{_signed(mean)} [{_signed(mean - half)}, {_signed(mean + half)}] " + \
         (f"**{verdict}**" if verdict == "better" else verdict)
 

@@ -1057,6 +1057,15 @@ def paired_ci(diffs) -> tuple[float, float | None, int]:
     return float(diffs.mean()), float(half), n
 
 
+def verdict(low, high, higher_is_better: bool) -> str:
+    """A method against a reference from the 95% interval [low, high] of their paired difference: "better" or
+    "worse" when the interval excludes 0 (on the side `higher_is_better` says), else "tie" (also with no
+    interval: None or NaN bounds)."""
+    if low is None or high is None or math.isnan(low) or math.isnan(high) or (low <= 0 <= high):
+        return "tie"
+    return "better" if (low > 0) == higher_is_better else "worse"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 8. Settings: the one range check, and the --flag of every setting
 #

@@ -70,6 +70,13 @@ def test_paired_ci_by_hand():
     assert "| alloc | -1.0 (n=2, equal differences, no interval) |" in render(rows)
 
 
+def test_verdict_reads_the_interval_on_the_side_that_is_better():
+    assert runs.verdict(0.1, 0.5, True) == "better" and runs.verdict(0.1, 0.5, False) == "worse"   # above 0
+    assert runs.verdict(-0.5, -0.1, True) == "worse" and runs.verdict(-0.5, -0.1, False) == "better"
+    assert runs.verdict(-0.1, 0.1, True) == runs.verdict(0.0, 0.3, False) == "tie"      # 0 inside or on the edge
+    assert runs.verdict(None, None, True) == runs.verdict(math.nan, math.nan, False) == "tie"   # no interval
+
+
 def test_pairs_by_seed_and_skips_an_unpaired_seed():
     rows = [run("RTE", "lora", s, v) for s, v in [(0, 0.50), (1, 0.60), (2, 0.70)]]
     rows += [run("RTE", "gate", s, v) for s, v in [(0, 0.51), (1, 0.62), (3, 0.99)]]   # seed 3 has no LoRA run
