@@ -77,6 +77,39 @@ def test_verdict_reads_the_interval_on_the_side_that_is_better():
     assert runs.verdict(None, None, True) == runs.verdict(math.nan, math.nan, False) == "tie"   # no interval
 
 
+def test_recipe_targets_mark_each_figure_and_call_it_only_at_three_seeds():
+    lora = {"SST-2": [0.90, 0.91, 0.92], "RTE": [0.60, 0.63, 0.66]}
+    full = {"SST-2": [0.919, 0.929, 0.939], "RTE": [0.70, 0.70, 0.70]}
+    gate = {"SST-2": [0.905, 0.91, 0.93], "RTE": [0.61, 0.62, 0.66]}
+    methods = [("lora", lora), ("full", full)] + [(m, gate) for m in report.dynamic_methods()]
+    rows = [run(t, m, s, v, suite="tuned") for m, by in methods for t, vs in by.items() for s, v in enumerate(vs)]
+    majority, zero_shot = {"SST-2": 0.509, "RTE": 0.527}, {"SST-2": 0.92, "RTE": 0.5}
+
+    def line(rows, start):
+        return table_line("\n".join(report.recipe_targets(rows, ["SST-2", "RTE"], majority, zero_shot)), start)
+
+    assert line(rows, "| LoRA − full") == \
+        "| LoRA − full fine-tuning | ≥ −2 on every task | -1.9 ✓ | -7.0 ✗ | **missed** |"
+    assert line(rows, "| LoRA's seed sd") == "| LoRA's seed sd | ≤ 2 on every task | 1.0 ✓ | 3.0 ✗ | **missed** |"
+    assert line(rows, "| LoRA − majority") == "| LoRA − majority class | > 0 on every task | +40.1 ✓ | +10.3 ✓ | met |"
+    assert line(rows, "| LoRA − no pre") == "| LoRA − no pre-training | > 0 on every task | +7.0 ✓ | +9.2 ✓ | met |"
+    assert line(rows, "| LoRA − zero-shot") == "| LoRA − zero-shot | > 0 on SST-2 | -1.0 ✗ | — | **missed** |"
+    half = report.paired_summary(rows, ["SST-2", "RTE"], ["lora"])[1]
+    cells = [f"{half[t][0]:.1f} {'✓' if half[t][0] <= 1.5 else '✗'}" for t in ("SST-2", "RTE")]
+    assert line(rows, "| smallest") == \
+        f"| smallest resolvable difference | ≤ 1.5 on 3 tasks | {' | '.join(cells)} | **missed** |"   # 2 tasks < 3
+    # one seed short: a figure that reads that method waits; the others are called (the resolvable difference
+    # reads every dynamic method)
+    fewer = [r for r in rows if not (r["method"] == "full" and r["task"] == "RTE" and r["seed"] == 2)]
+    assert line(fewer, "| LoRA − full").endswith("| -8.5 ✗ | pending |")        # paired: seeds 0 and 1
+    assert line(fewer, "| LoRA − majority").endswith("| met |")
+    two = [r for r in rows if r["seed"] < 2]                     # two seeds everywhere: nothing is called yet
+    assert all(line(two, start).endswith("| pending |") for start in ("| LoRA − full", "| LoRA's", "| LoRA − maj"))
+    # rendered under the tuned suite only
+    assert "The recipe's figures" in render(rows) and "The recipe's figures" not in \
+        render([dict(r, suite="smollm2") for r in rows])
+
+
 def test_pairs_by_seed_and_skips_an_unpaired_seed():
     rows = [run("RTE", "lora", s, v) for s, v in [(0, 0.50), (1, 0.60), (2, 0.70)]]
     rows += [run("RTE", "gate", s, v) for s, v in [(0, 0.51), (1, 0.62), (3, 0.99)]]   # seed 3 has no LoRA run
