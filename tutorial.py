@@ -178,7 +178,9 @@ def with_solutions(nb):
 
 
 def _printed(cell) -> str:
-    text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+    """What a solution printed (its streams), each line as displayed (_shown), ending in a newline."""
+    text = "\n".join(_shown(line) for line in
+                     "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream").split("\n"))
     return text if text.endswith("\n") or not text else text + "\n"
 
 

@@ -89,6 +89,11 @@ def test_a_progress_bar_is_stored_as_displayed(tmp_path):
     tutorial.execute(path, write=True, timeout=60)
     outputs = nbformat.read(path, as_version=4).cells[0].outputs
     assert [(o.output_type, o.name, o.text) for o in outputs] == [("stream", "stderr", "bar 3\ndone\n")]
+    # a solution's printed text under its code, the same way
+    md = "Try it.\n\n<details>\n\n```python\n" + bar + "\n```\n\n</details>\n"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(md)]), path)
+    tutorial.execute(path, write=True, timeout=60)
+    assert "It printed:\n\n```text\nbar 3\ndone\n```" in nbformat.read(path, as_version=4).cells[0].source
 
 
 def test_no_code_cell_is_hidden():
