@@ -412,9 +412,8 @@ CROSS_SUITE = [
     (("smollm2-r4", "lora"), ("smollm2", "lora"), "LoRA's rank: 4 against 8"),
     (("smollm2-bf16", "lora"), ("smollm2-fp32", "lora"), "bf16 autocast against fp32, same machine: LoRA"),
     (("smollm2-bf16", "dynlora"), ("smollm2-fp32", "dynlora"), "bf16 autocast against fp32, same machine: dynlora"),
-    (("tuned-bf16", "lora"), ("tuned-rerun", "lora"), "bf16 autocast against fp32 at the tuned recipe, same CPU: LoRA"),
-    (("tuned-bf16", "gate"), ("tuned", "gate"), "bf16 autocast against fp32 at the tuned recipe: gate"),
-    (("tuned-rerun", "lora"), ("tuned", "lora"), "the same fp32 LoRA run on another CPU (AVX-512 against AVX2)"),
+    (("tuned-bf16", "lora"), ("tuned-rerun", "lora"), "bf16 autocast against fp32, same CPU: LoRA at lr 1e-3"),
+    (("tuned-rerun", "lora"), ("tuned-lr1e-3", "lora"), "the same fp32 LoRA run on another CPU (AVX-512 against AVX2)"),
 ]
 
 
