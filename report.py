@@ -177,6 +177,16 @@ def _runs(rows, task, method) -> list:
     return [r for r in rows if r["task"] == task and r["method"] == method]
 
 
+def _seed_points(rows, task, method) -> list:
+    """The task's dev scores x 100 of the method's runs, one per seed."""
+    return [100 * r["last_score"] for r in _runs(rows, task, method)]
+
+
+def _seed_sd(points: list) -> float | None:
+    """The sample standard deviation over seeds (n - 1 in the denominator), None for fewer than two."""
+    return float(np.std(points, ddof=1)) if len(points) > 1 else None
+
+
 def _mean_score(rows, task, method) -> float | None:
     scores = [r["last_score"] for r in _runs(rows, task, method)]
     return float(np.mean(scores)) if scores else None
@@ -196,12 +206,12 @@ def wall_tasks(rows, tasks, methods) -> list:
 def _score_row(rows, m, tasks, common) -> str:
     cells, means = [], []
     for t in tasks:
-        scores = [100 * r["last_score"] for r in _runs(rows, t, m)]
+        scores = _seed_points(rows, t, m)
         if not scores:
             cells.append("—")
             continue
         means.append(np.mean(scores))
-        sd = f" ± {np.std(scores, ddof=1):.1f}" if len(scores) > 1 else ""
+        sd = f" ± {_seed_sd(scores):.1f}" if len(scores) > 1 else ""
         cells.append(f"{np.mean(scores):.1f}{sd} (n={len(scores)})")
     runs_of = [r for t in tasks for r in _runs(rows, t, m)]
     avg = f"{np.mean(means):.1f}" if len(means) == len(tasks) else "—"
@@ -500,7 +510,7 @@ def recipe_targets(rows, tasks, majority: dict, zero_shot: dict | None) -> list:
     row. A cell shows the current value with ✓/✗; a figure is "met" or "missed" only once each of its tasks
     has RECIPE_SEEDS seeds of every method it reads, "pending" before."""
     lora = {t: _mean_score(rows, t, BASELINE) for t in tasks}
-    scores = {t: [100 * r["last_score"] for r in _runs(rows, t, BASELINE)] for t in tasks}
+    sds = {t: _seed_sd(_seed_points(rows, t, BASELINE)) for t in tasks}
     full = {t: paired_diffs(rows, t, dynlora.FULL) for t in tasks}              # full - LoRA, per seed
     resolvable = paired_summary(rows, tasks, [BASELINE])[1]
 
@@ -510,8 +520,8 @@ def recipe_targets(rows, tasks, majority: dict, zero_shot: dict | None) -> list:
     figures = [  # (figure, target, {task: value}, ok(value), met(list of oks), the tasks it reads, its methods)
         ("LoRA − full fine-tuning", "≥ −2 on every task", {t: -float(np.mean(d)) for t, d in full.items() if d},
          lambda v: v >= -2, all, tasks, (BASELINE, dynlora.FULL)),
-        ("LoRA's seed sd", "≤ 2 on every task", {t: float(np.std(s, ddof=1)) for t, s in scores.items()
-                                                 if len(s) > 1}, lambda v: v <= 2, all, tasks, (BASELINE,)),
+        ("LoRA's seed sd", "≤ 2 on every task", {t: sd for t, sd in sds.items() if sd is not None},
+         lambda v: v <= 2, all, tasks, (BASELINE,)),
         ("smallest resolvable difference", "≤ 1.5 on 3 tasks", {t: h for t, (h, _) in resolvable.items()
                                                                if h is not None},
          lambda v: v <= 1.5, lambda oks: sum(oks) >= 3, tasks, (BASELINE, *dynamic_methods())),
