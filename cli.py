@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed and memory figures (writes results/bench.json)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     p.add_argument("--only", choices=["dynamic"], default=None, help="one part alone: dynamic = the dynamic "
-                   "methods' step time against LoRA's (a few minutes; writes results/bench-dynamic.json)")
+                   "methods' step time against LoRA's (SmolLM2-135M steps: tens of minutes on 2 CPU cores; writes "
+                   "results/bench-dynamic.json)")
     p = sub.add_parser("gates", help="how much a gated run's gates depend on the input, on its dev split")
     p.add_argument("--run", required=True, nargs="+", help="gate or dynlora run folder(s) written by finetune")
     p.add_argument("--max-examples", type=int, default=analysis.GATE_EXAMPLES, help="dev examples to read per run "

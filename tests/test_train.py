@@ -1,5 +1,6 @@
 """End-to-end tests of train.py, through cli.py, on the tiny fixtures: pretrain -> finetune -> eval, bad input."""
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -247,9 +248,9 @@ def test_bench_quick_runs_every_figure(tmp_path):
     assert saved["rows"] == result["rows"] and saved["quick"] is True
     assert "Benchmark" in report.render_bench(saved)
     for method in dynlora.method_names():       # each dynamic method against LoRA, at both recipes' targets
-        if method not in (dynlora.FULL, "lora"):
-            for where in ("q,v", "all seven projections"):
-                assert sum(f"adapters on {where}: step time {method}" in n for n in names) == 1, (method, where)
+        if method not in (dynlora.FULL, "lora"):    # and at both batch lengths
+            for where, T in itertools.product(("q,v", "all seven projections"), (64, 11)):
+                assert sum(f"T={T}, adapters on {where}: step time {method}" in n for n in names) == 1, (method, T)
     part = bench.run(quick=True, out_path=tmp_path / "bench-dynamic.json", only="dynamic")
     assert part["rows"] and all("adapters on" in row["name"] for row in part["rows"])
     assert "Benchmark, dynamic part** (`python cli.py bench --only dynamic`" in report.render_bench(part, "dynamic")
