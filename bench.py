@@ -380,10 +380,11 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 def dynamic_cost_rows(quick: bool = False, B: int = 16, lengths: tuple = (64, 11)) -> list:
     """The dynamic methods' own cost: each one's SmolLM2-135M training step against LoRA's at the same final
     budget (gate and AdaLoRA at r = 8, alloc and dynlora 12 -> 8), with the adapters on q, v (the short recipe)
-    and on all seven linear projections (the tuned recipe's LoRA), at the recipe's precision, eager, at each
-    batch length T of `lengths`: 64 (the short recipe's cap) and 11 (CoLA's mean padded batch length, the
-    tuning task's short sentences). The gates add a fixed number of small operations per adapted layer and
-    tensor, whatever T, while LoRA's own work grows with T, so the shorter T is the harder test of "cheap".
+    and on all seven linear projections (the tuned recipe's LoRA), eager, in fp32 (the precision the tuned
+    suite pins, docs/reproduce.md), at each batch length T of `lengths`: 64 (the short recipe's cap) and 11
+    (CoLA's mean padded batch length, the tuning task's short sentences). The gates add a fixed number of small
+    operations per adapted layer and tensor, whatever T, while LoRA's own work grows with T, so the shorter T
+    is the harder test of "cheap".
 
     Each round times several steps of each method back to back, so that a round's ratio is not one step's
     jitter; a "<= 1.02" target is met only if every round's ratio meets it. quick: a 2-layer model of the
@@ -391,7 +392,7 @@ def dynamic_cost_rows(quick: bool = False, B: int = 16, lengths: tuple = (64, 11
     config = preset("smollm2-135m", vocab_size=49152 + 3) if not quick else \
         preset("smollm2-135m", vocab_size=512, n_layer=2, n_embd=72, mlp_hidden=96)
     rounds, per_round = (2, 1) if quick else (9, 3)
-    auto = runtime.select_precision("auto", torch.device("cpu"))
+    precision = "fp32"
     rows = []
     for T in lengths:
         idx, y = torch.randint(4, config.vocab_size, (B, T)), torch.randint(0, 2, (B,))
@@ -399,10 +400,10 @@ def dynamic_cost_rows(quick: bool = False, B: int = 16, lengths: tuple = (64, 11
             models = {m: classifier(m, config, 8, targets=targets) for m in dynlora.method_names()
                       if m != dynlora.FULL and m not in pruned_methods()}                   # lora, gate, adalora
             models |= {f"{m} 12->8": classifier(m, config, 12, 8, targets=targets) for m in pruned_methods()}
-            steps = {m: make_step(model, idx, y, m.split()[0], total_steps=1000, precision=auto)
+            steps = {m: make_step(model, idx, y, m.split()[0], total_steps=1000, precision=precision)
                      for m, model in models.items()}
             times = interleaved_times(steps, rounds, per_round)
-            rows += [ratio_row(f"SmolLM2-135M, B={B} T={T}, adapters on {where}: step time {m} / lora, {auto}, "
+            rows += [ratio_row(f"SmolLM2-135M, B={B} T={T}, adapters on {where}: step time {m} / lora, {precision}, "
                                f"{per_round} steps a round", times, m, "lora", "<= 1.02")
                      for m in models if m != "lora"]
             rows += [dict(name=f"SmolLM2-135M, B={B} T={T}, adapters on {where}: median step time lora (ms)",
