@@ -744,8 +744,12 @@ def tune_progress(lines: list) -> str:
     if not trials:
         return "no tuning trial has finished yet (results/tune.jsonl is empty)"
     cells = sorted({f"{r['task']}/{r['method']}" for r in trials})
+    covered = {i for r in lines if r.get("kind") == "choice" for i in r.get("trial_ids", [])}
+    open_ = sorted({f"{r['task']}/{r['method']}" for r in trials if r.get("trial_id") not in covered})
     return (f"{len(trials)} tuning trial(s) finished, on {', '.join(cells)} (task/method); choices made: "
-            f"{', '.join(chosen) if chosen else 'none yet'} (results/tune.jsonl, RESULTS.md's Tuning table)")
+            f"{', '.join(chosen) if chosen else 'none yet'}"
+            + (f"; trials no choice covers yet (a stage under way): {', '.join(open_)}" if open_ else "")
+            + " (results/tune.jsonl, RESULTS.md's Tuning table)")
 
 
 # ---------------------------------------------------------------------------------------------------------

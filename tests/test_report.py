@@ -443,7 +443,12 @@ def test_the_tune_table_gives_each_stage_its_trials_and_its_choice():
         in text and "not yet" in text.split("| CoLA | lora |")[0]
     assert report.render_tune([]) == ""
     assert report.tune_progress(lines) == ("4 tuning trial(s) finished, on CoLA/full, CoLA/lora (task/method); "
-                                           "choices made: CoLA/lora (results/tune.jsonl, RESULTS.md's Tuning table)")
+                                           "choices made: CoLA/lora; trials no choice covers yet (a stage under "
+                                           "way): CoLA/full (results/tune.jsonl, RESULTS.md's Tuning table)")
+    lines.append(dict(kind="choice", task="CoLA", method="full", setting={"readout": "cls"}, val_score=None,
+                      recipe={"max_len": 256}, trial_ids=["f"]))
+    assert report.tune_progress(lines).endswith("choices made: CoLA/full, CoLA/lora (results/tune.jsonl, "
+                                                "RESULTS.md's Tuning table)")
 
 
 def test_the_committed_results_render_into_the_page_and_the_readme_headline(tmp_path):
