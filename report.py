@@ -694,6 +694,12 @@ def _fixed(line: dict) -> dict:
     return {**line.get("recipe", {}), **line.get("adapter", {})}
 
 
+def _uncovered_trials(lines: list) -> list:
+    """The trial lines no choice line names (its `trial_ids`): the trials of a stage still under way."""
+    covered = {i for r in lines if r.get("kind") == "choice" for i in r.get("trial_ids", [])}
+    return [r for r in lines if r.get("kind") == "trial" and r.get("trial_id") not in covered]
+
+
 def render_tune(lines: list) -> str:
     """The trials and choices of results/tune.jsonl (tune.py): one row per stage of a task and method -- each
     choice line with the trials it chose among, then the trials no choice covers yet, grouped by their fixed
@@ -708,12 +714,10 @@ def render_tune(lines: list) -> str:
     for choice in (r for r in lines if r.get("kind") == "choice"):
         mine = [by_id[i] for i in choice.get("trial_ids", []) if i in by_id]
         rows.append((choice["task"], choice["method"], _fixed(choice), mine, choice))
-    covered = {id(r) for row in rows for r in row[3]}
     groups = {}
-    for r in trials:
-        if id(r) not in covered:
-            key = (r["task"], r["method"], json.dumps(_fixed(r), sort_keys=True))
-            groups.setdefault(key, []).append(r)
+    for r in _uncovered_trials(lines):
+        key = (r["task"], r["method"], json.dumps(_fixed(r), sort_keys=True))
+        groups.setdefault(key, []).append(r)
     rows += [(task, method, json.loads(fixed), mine, None) for (task, method, fixed), mine in groups.items()]
     common = set.intersection(*({(k, json.dumps(v)) for k, v in row[2].items()} for row in rows))
     order = {m: i for i, m in enumerate(dynlora.method_names())}
@@ -744,8 +748,7 @@ def tune_progress(lines: list) -> str:
     if not trials:
         return "no tuning trial has finished yet (results/tune.jsonl is empty)"
     cells = sorted({f"{r['task']}/{r['method']}" for r in trials})
-    covered = {i for r in lines if r.get("kind") == "choice" for i in r.get("trial_ids", [])}
-    open_ = sorted({f"{r['task']}/{r['method']}" for r in trials if r.get("trial_id") not in covered})
+    open_ = sorted({f"{r['task']}/{r['method']}" for r in _uncovered_trials(lines)})
     return (f"{len(trials)} tuning trial(s) finished, on {', '.join(cells)} (task/method); choices made: "
             f"{', '.join(chosen) if chosen else 'none yet'}"
             + (f"; trials no choice covers yet (a stage under way): {', '.join(open_)}" if open_ else "")
