@@ -26,7 +26,9 @@ What this file holds, in order:
   4. render_bench  -- the benchmark's figures and targets (results/bench.json, written by bench.py), each
                       target marked ✓ or ✗ missed (target_met).
   5. render_import -- the check of an imported backbone (results/import.json).
-  6. render_tune   -- the tuning trials and choices so far (results/tune.jsonl, written by tune.py).
+  6. render_tune   -- the tuning trials and choices so far (results/tune.jsonl, written by tune.py);
+                      tune_progress and suite_progress: how far the tuning and the tuned suite's runs have
+                      come, a sentence each (the headline's last paragraph).
   7. The headline  -- headline_numbers; conclusion: the answer in words (the README's opening, notebook 7's
                       end); render_headline: one small table for the README (each dynamic method against LoRA
                       on the GLUE task its seeds resolve best, and on the known-answer benchmark's scenarios);
@@ -755,6 +757,25 @@ def tune_progress(lines: list) -> str:
             + " (results/tune.jsonl, RESULTS.md's Tuning table)")
 
 
+def suite_progress(results: list) -> str:
+    """One sentence: how many of the recipe suite's runs (RECIPE_SUITE: every method on RECIPE_TASKS, RECIPE_SEEDS
+    seeds each) have finished, per task and method, so that the README says which cells are done."""
+    rows = split_suites(results).get(RECIPE_SUITE, [])
+    methods = dynlora.method_names()
+    seeds = {(t, m): min(len({r["seed"] for r in _runs(rows, t, m)}), RECIPE_SEEDS)
+             for t in RECIPE_TASKS for m in methods}
+    started = [t for t in RECIPE_TASKS if any(seeds[(t, m)] for m in methods)]
+    waiting = [t for t in RECIPE_TASKS if t not in started]
+    per_task = [f"{t} {sum(seeds[(t, m)] for m in methods)} of {len(methods) * RECIPE_SEEDS} ("
+                + ", ".join(f"{m} {seeds[(t, m)]}" for m in methods) + ")" for t in started]
+    return (f"suite `{RECIPE_SUITE}` (each of the {len(methods)} methods at its tuned setting on "
+            f"{len(RECIPE_TASKS)} tasks, {RECIPE_SEEDS} seeds each): {sum(seeds.values())} of "
+            f"{len(seeds) * RECIPE_SEEDS} runs finished"
+            + (" -- " + "; ".join(per_task) if per_task else "")
+            + (f"; not started: {', '.join(waiting)}" if waiting else "")
+            + f" (RESULTS.md's `{RECIPE_SUITE}` tables)")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 7. The headline: does each dynamic method beat LoRA? On GLUE, on the task of HEADLINE_SUITE whose seeds
 # resolve the smallest difference (and a count over its other tasks); on the known-answer benchmark, in each
@@ -849,10 +870,11 @@ def _names(methods) -> str:
     return ", ".join(methods[:-1]) + " and " + methods[-1] if len(methods) > 1 else (methods or ["none"])[0]
 
 
-def conclusion(numbers: dict, tune_lines: list = ()) -> str:
+def conclusion(numbers: dict, tune_lines: list = (), results: list | None = None) -> str:
     """The answer in words, from headline_numbers: what the GLUE suite's intervals and the known-answer
-    scenarios say, and how far the tuned recipe has come. The README opens with it and notebook 7 ends with
-    it, so that no sentence of either can drift from the numbers."""
+    scenarios say, and how far the tuned recipe has come (its tuning; with results, its suite's runs: see
+    suite_progress). The README opens with it and notebook 7 ends with it, so that no sentence of either can
+    drift from the numbers."""
     out = []
     task = numbers["task"]
     if task:
@@ -891,7 +913,8 @@ def conclusion(numbers: dict, tune_lines: list = ()) -> str:
                    + "; ".join(parts) + ". "
                    + ("**Each mechanism wins where it should**, and only there." if as_expected else
                       "**Not every mechanism wins where it should** (see the expected winners named above)."))
-    out.append(f"Tuned recipe: {tune_progress(tune_lines)}.")
+    out.append(f"Tuned recipe: {tune_progress(tune_lines)}."
+               + (f" Its comparison, {suite_progress(results)}." if results is not None else ""))
     return "\n\n".join(out) + "\n"
 
 
@@ -1006,6 +1029,7 @@ def write_report(page: Path = RESULTS_PAGE, results_dir: Path = runs.RESULTS_DIR
     _fill(page, RESULTS_START, RESULTS_END, report)
     if readme is not None:
         numbers = headline_numbers(results, planted_rows)
-        _fill(readme, HEADLINE_START, HEADLINE_END, conclusion(numbers, tune_lines) + "\n" + render_headline(numbers))
+        words = conclusion(numbers, tune_lines, results)
+        _fill(readme, HEADLINE_START, HEADLINE_END, words + "\n" + render_headline(numbers))
         plots.headline(numbers, results_dir / HEADLINE_FIGURE if figure is None else figure)
     return report

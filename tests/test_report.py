@@ -451,6 +451,23 @@ def test_the_tune_table_gives_each_stage_its_trials_and_its_choice():
                                                 "RESULTS.md's Tuning table)")
 
 
+def test_the_headline_says_how_many_of_the_tuned_suites_runs_have_finished_per_task_and_method():
+    rows = [run("CoLA", "lora", s, 0.4, suite=report.RECIPE_SUITE) for s in range(4)]        # a 4th seed: counts 3
+    rows += [run("CoLA", "gate", 0, 0.4, suite=report.RECIPE_SUITE), run("RTE", "full", 1, 0.6, suite="tuned")]
+    rows += [run("SST-2", "lora", 0, 0.9, suite="smollm2"),                                   # another suite
+             run("MRPC", "lora", 0, 0.8, suite=report.RECIPE_SUITE, split="validation")]      # a tuning trial
+    words = report.suite_progress(rows)
+    assert words == ("suite `tuned` (each of the 6 methods at its tuned setting on 5 tasks, 3 seeds each): 5 of 90 "
+                     "runs finished -- CoLA 4 of 18 (full 0, lora 3, alloc 0, gate 1, dynlora 0, adalora 0); "
+                     "RTE 1 of 18 (full 1, lora 0, alloc 0, gate 0, dynlora 0, adalora 0); not started: SST-2, "
+                     "MRPC, STS-B (RESULTS.md's `tuned` tables)")
+    assert report.suite_progress([]).endswith("0 of 90 runs finished; not started: CoLA, SST-2, MRPC, STS-B, RTE "
+                                              "(RESULTS.md's `tuned` tables)")
+    nothing = {"task": None, "planted": {}}
+    assert report.conclusion(nothing, [], rows).endswith(f" Its comparison, {words}.\n")
+    assert "Its comparison" not in report.conclusion(nothing, [])          # without results: the tuning alone
+
+
 def test_the_committed_results_render_into_the_page_and_the_readme_headline(tmp_path):
     results = tmp_path / "results"
     shutil.copytree(runs.RESULTS_DIR, results, ignore=shutil.ignore_patterns("*.png"))
