@@ -772,7 +772,7 @@ def suite_progress(results: list) -> str:
             f"{len(RECIPE_TASKS)} tasks, {RECIPE_SEEDS} seeds each): {sum(seeds.values())} of "
             f"{len(seeds) * RECIPE_SEEDS} runs finished"
             + (" -- " + "; ".join(per_task) if per_task else "")
-            + (f"; not started: {', '.join(waiting)}" if waiting else "")
+            + (f"; none finished yet: {', '.join(waiting)}" if waiting else "")
             + f" (RESULTS.md's `{RECIPE_SUITE}` tables)")
 
 

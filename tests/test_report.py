@@ -459,10 +459,10 @@ def test_the_headline_says_how_many_of_the_tuned_suites_runs_have_finished_per_t
     words = report.suite_progress(rows)
     assert words == ("suite `tuned` (each of the 6 methods at its tuned setting on 5 tasks, 3 seeds each): 5 of 90 "
                      "runs finished -- CoLA 4 of 18 (full 0, lora 3, alloc 0, gate 1, dynlora 0, adalora 0); "
-                     "RTE 1 of 18 (full 1, lora 0, alloc 0, gate 0, dynlora 0, adalora 0); not started: SST-2, "
-                     "MRPC, STS-B (RESULTS.md's `tuned` tables)")
-    assert report.suite_progress([]).endswith("0 of 90 runs finished; not started: CoLA, SST-2, MRPC, STS-B, RTE "
-                                              "(RESULTS.md's `tuned` tables)")
+                     "RTE 1 of 18 (full 1, lora 0, alloc 0, gate 0, dynlora 0, adalora 0); none finished yet: "
+                     "SST-2, MRPC, STS-B (RESULTS.md's `tuned` tables)")
+    assert report.suite_progress([]).endswith("0 of 90 runs finished; none finished yet: CoLA, SST-2, MRPC, STS-B, "
+                                              "RTE (RESULTS.md's `tuned` tables)")
     nothing = {"task": None, "planted": {}}
     assert report.conclusion(nothing, [], rows).endswith(f" Its comparison, {words}.\n")
     assert "Its comparison" not in report.conclusion(nothing, [])          # without results: the tuning alone
