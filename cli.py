@@ -306,12 +306,32 @@ def scratch_job(data_dir: str | None, t0: float):
     print(report.render_report([result]))
 
 
+def interrupted_message(args: argparse.Namespace) -> str:
+    """One line for Ctrl-C (or a scheduler's SIGINT): what was kept and how to continue."""
+    if args.command == "tune":
+        return "tune interrupted: finished trials are in tune.jsonl; the same command continues with the next one"
+    if args.command not in ("pretrain", "finetune"):
+        return f"{args.command or 'main'} interrupted"
+    out = Path(args.out_dir) if args.out_dir else runs.REPO / "runs" / runs.run_name(args)   # finetune's default
+    ckpt = out / runs.CHECKPOINT_FILE
+    if not ckpt.is_file():
+        when = "after every epoch" if args.command == "finetune" else "at every evaluation"
+        return (f"{args.command} interrupted before its first checkpoint in {out} (one is written {when}, and "
+                f"every --save-every N steps): start it again")
+    written = time.strftime("%H:%M:%S", time.localtime(ckpt.stat().st_mtime))
+    return (f"{args.command} interrupted: its last checkpoint, {ckpt} (written {written}), keeps the run up to "
+            f"there; the same command plus --resume continues it")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run_command(args)
     except (ValueError, OSError, runtime.DistributedError) as err:    # DataError is a ValueError, SaveError an OSError
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:                                          # exit status 130, as a shell gives Ctrl-C
+        print(interrupted_message(args), file=sys.stderr)
+        sys.exit(130)
     finally:
         runtime.finish()
 

@@ -57,8 +57,9 @@ cli.main(sys.argv[1:])
 """
 
 
-def run_and_kill(args: list, block_at: int, tmp_path: Path):
-    """Start cli.py in a subprocess, SIGKILL it during its block_at-th optimizer step."""
+def run_and_kill(args: list, block_at: int, tmp_path: Path, sig=signal.SIGKILL) -> str:
+    """Start cli.py in a subprocess, send it sig (SIGKILL) during its block_at-th optimizer step; returns what it
+    printed."""
     marker = tmp_path / "blocked"
     script = BLOCKING_TRAIN.format(repo=str(REPO), block_at=block_at, marker=str(marker))
     env = {**os.environ, "GLUE_BASE_URL": "http://127.0.0.1:9"}
@@ -68,10 +69,12 @@ def run_and_kill(args: list, block_at: int, tmp_path: Path):
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         alive = proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert marker.exists() and alive, (tmp_path / "killed.log").read_text()[-2000:]
-    assert proc.returncode == -signal.SIGKILL
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    printed = (tmp_path / "killed.log").read_text()
+    assert marker.exists() and alive, printed[-2000:]
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), printed[-2000:]
+    return printed
 
 
 def lines(path: Path) -> list:
@@ -94,6 +97,22 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 0.0):
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Resume
+
+@pytest.mark.parametrize("block_at, save_every", [(4, "2"), (1, "0")])
+def test_ctrl_c_prints_one_line_saying_what_was_kept_and_how_to_continue(backbone, tmp_path, block_at, save_every):
+    run = tmp_path / "run"
+    args = finetune_args(backbone, tmp_path, "lora", "SST-2", 2, "--save-every", save_every)
+    printed = run_and_kill(args, block_at=block_at, tmp_path=tmp_path, sig=signal.SIGINT)
+    assert "Traceback" not in printed and "KeyboardInterrupt" not in printed, printed[-2000:]
+    last = printed.strip().splitlines()[-1]
+    if save_every == "0":       # interrupted in step 1: no checkpoint yet
+        assert last.startswith(f"finetune interrupted before its first checkpoint in {run}"), last
+    else:                       # interrupted in step 4: the checkpoint of step 2 continues it
+        assert last.startswith(f"finetune interrupted: its last checkpoint, {run / 'checkpoint.pt'}"), last
+        assert last.endswith("the same command plus --resume continues it"), last
+        code, message = cli(*args, "--resume")
+        assert code == 0, message
+
 
 @pytest.mark.parametrize("method", ["dynlora", "full"])
 def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(backbone, tmp_path, method):
